@@ -1,0 +1,100 @@
+"""`fastvlm-mlx` command line: a thin click group over the library functions.
+
+Heavy imports (mlx, torch, the model) happen inside commands so `--help` stays instant.
+"""
+
+import json
+import sys
+from dataclasses import asdict
+
+import click
+
+from fastvlm_mlx import BLAS, __version__
+
+
+def _version_text() -> str:
+    import mlx.core as mx
+
+    return f"fastvlm-mlx {__version__}, mlx {mx.__version__} on {mx.default_device()}, BLAS: {BLAS}"
+
+
+def _fail_cleanly(fn):
+    """Show user errors as one line (exit 1) instead of a traceback."""
+    from functools import wraps
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        from fastvlm_mlx.errors import UserError
+
+        try:
+            return fn(*args, **kwargs)
+        except UserError as error:
+            raise click.ClickException(str(error)) from None
+
+    return wrapper
+
+
+def _print_version(ctx: click.Context, _param, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(_version_text())
+        ctx.exit()
+
+
+@click.group()
+@click.option("--version", is_flag=True, is_eager=True, expose_value=False, callback=_print_version,
+              help="Show versions, device and the BLAS in use.")
+def main() -> None:
+    """FastVLM in MLX: convert checkpoints, generate, benchmark."""
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="Converted MLX model directory.")
+@click.option("--image", required=True, type=click.Path(), help="Image file (any format PIL reads).")
+@click.option("--prompt", required=True, help="Question about the image.")
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0))
+@click.option("--image-size", default=None, type=click.IntRange(min=64), help="Override the model's input resolution.")
+@click.option("--seed", default=None, type=int, help="Random seed for sampling.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@_fail_cleanly
+def generate(model_dir, image, prompt, max_tokens, temperature, top_p, image_size, seed, as_json) -> None:
+    """Answer PROMPT about IMAGE, streaming the text."""
+    from fastvlm_mlx.generate import generate as run
+    from fastvlm_mlx.load import load_model
+    from fastvlm_mlx.preprocess import load_image
+
+    load_image(image)  # fail on a bad image before spending seconds loading the model
+    model, tokenizer = load_model(model_dir)
+    stream = None if as_json else (lambda text: click.echo(text, nl=False))
+    result = run(
+        model, tokenizer, image, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+        image_size=image_size, seed=seed, on_text=stream,
+    )
+    if not as_json:
+        click.echo()
+        return
+    click.echo(json.dumps({
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "visual_tokens": {"before": result.visual_tokens_before, "after": result.visual_tokens_after},
+        "timings": asdict(result.timings),
+        "peak_memory_gb": result.peak_memory_gb,
+    }))
+
+
+@main.command()
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@_fail_cleanly
+def convert(src, out, dtype, force) -> None:
+    """Convert a FastVLM checkpoint (Apple llava_qwen2 or transformers fast_vlm) SRC to MLX in OUT."""
+    from convert.convert import convert as run
+
+    click.echo(f"converted {src} -> {run(src, out, dtype=dtype, force=force)}", err=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""End-to-end generation: image file -> preprocess -> vision -> (prune) -> prefill -> decode."""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import make_sampler
+
+from fastvlm_mlx.model import FastVLM
+from fastvlm_mlx.preprocess import load_image, preprocess
+from fastvlm_mlx.prompt import tokenize_prompt
+
+
+@dataclass
+class Timings:
+    preprocess_s: float  # image decode, resize, tokenization
+    vision_s: float  # vision tower
+    prune_s: float  # visual-token pruning
+    prefill_s: float  # projector, splice, LLM prefill, first sample
+    ttft_s: float  # image file in -> first token out, every stage above
+    decode_tokens_per_s: float  # tokens after the first, per second of decoding
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    visual_tokens_before: int
+    visual_tokens_after: int
+    timings: Timings
+    peak_memory_gb: float
+
+
+def _now(*arrays: mx.array) -> float:
+    mx.eval(*arrays)
+    return time.perf_counter()
+
+
+def _stream_text(tokenizer, token_ids: list[int], shown: str, on_text, final: bool = False) -> str:
+    """Decode all tokens (exactly as tokenizer.decode) and pass on the new, complete part."""
+    text = tokenizer.decode(token_ids)
+    if not final and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+        return shown
+    if on_text and len(text) > len(shown):
+        on_text(text[len(shown) :])
+    return text
+
+
+def generate(
+    model: FastVLM,
+    tokenizer,
+    image: str | Path,
+    prompt: str,
+    *,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    image_size: int | None = None,
+    seed: int | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> GenerationResult:
+    """Answer `prompt` about the image file; `on_text` receives text as it is decoded."""
+    config = model.config
+    if seed is not None:
+        mx.random.seed(seed)
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+
+    pixels = mx.array(preprocess(load_image(image), image_size or config.image_size, config.preprocess_mode))
+    ids_before, ids_after = tokenize_prompt(tokenizer, prompt)
+    t_pre = _now(pixels)
+
+    tokens, _ = model.encode_image(pixels)  # (1, N, D)
+    t_vision = _now(tokens)
+    kept = tokens
+    t_prune = _now(kept)
+
+    embeds = model.splice(ids_before, model.project(kept), ids_after)[0]  # (L, H)
+    sampler = make_sampler(temp=temperature, top_p=top_p if 0 < top_p < 1 else 0.0)
+    steps = generate_step(
+        mx.array([], dtype=mx.int32), model.language_model, max_tokens=max_tokens, sampler=sampler, input_embeddings=embeds
+    )
+    eos = set(tokenizer.eos_token_ids) | set(config.eos_token_ids)
+    token_ids: list[int] = []
+    text = ""
+    generated, t_first, t_last = 0, None, None
+    for token, _ in steps:
+        token = int(token)
+        t_last = time.perf_counter()
+        t_first = t_first or t_last
+        generated += 1
+        if token in eos:
+            break
+        token_ids.append(token)
+        text = _stream_text(tokenizer, token_ids, text, on_text)
+    text = _stream_text(tokenizer, token_ids, text, on_text, final=True)
+
+    decoded = generated - 1  # tokens after the first, eos included
+    timings = Timings(
+        preprocess_s=t_pre - start,
+        vision_s=t_vision - t_pre,
+        prune_s=t_prune - t_vision,
+        prefill_s=t_first - t_prune,
+        ttft_s=t_first - start,
+        decode_tokens_per_s=decoded / (t_last - t_first) if decoded and t_last > t_first else 0.0,
+    )
+    return GenerationResult(
+        text=text,
+        token_ids=token_ids,
+        visual_tokens_before=tokens.shape[1],
+        visual_tokens_after=kept.shape[1],
+        timings=timings,
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
+    )

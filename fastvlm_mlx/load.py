@@ -1,0 +1,69 @@
+"""Load a converted MLX model directory (config.json, model.safetensors, tokenizer files)."""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+from fastvlm_mlx.config import FastVLMConfig
+from fastvlm_mlx.errors import UserError
+from fastvlm_mlx.model import FastVLM
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def read_config(model_dir: str | Path) -> FastVLMConfig:
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{model_dir} has no config.json; pass a directory made by `fastvlm-mlx convert SRC OUT`")
+    config = json.loads(config_path.read_text())
+    if config.get("model_type") != "fastvlm_mlx":
+        raise UserError(
+            f"{model_dir} is not a converted fastvlm-mlx model (model_type {config.get('model_type')!r}); "
+            f"convert it first: fastvlm-mlx convert {model_dir} OUT"
+        )
+    return FastVLMConfig.from_dict(config)
+
+
+def check_weights(model: FastVLM, weights: dict[str, mx.array], where: str) -> None:
+    """Every parameter present once with the right shape, and nothing extra."""
+    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    missing = sorted(expected.keys() - weights.keys())
+    extra = sorted(weights.keys() - expected.keys())
+    wrong = [f"{k} {tuple(weights[k].shape)} != {tuple(s)}" for k, s in expected.items() if k in weights and weights[k].shape != s]
+    for label, items in (("missing", missing), ("unexpected", extra), ("mis-shaped", wrong)):
+        if items:
+            shown = ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+            raise UserError(f"{where}: {len(items)} {label} parameter(s): {shown}; re-run `fastvlm-mlx convert`")
+
+
+def load_model(model_dir: str | Path) -> tuple[FastVLM, TokenizerWrapper]:
+    """Build the model from its config, load and check its weights, load the tokenizer."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    weights_path = model_dir / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise UserError(f"{model_dir} has no {WEIGHTS_FILE}; re-run `fastvlm-mlx convert` to write it")
+    model = FastVLM(config)
+    weights = mx.load(str(weights_path))
+    check_weights(model, weights, str(weights_path))
+    model.load_weights(list(weights.items()))
+    model.eval()
+    mx.eval(model.parameters())
+    return model, read_tokenizer(model_dir, config)
+
+
+def read_tokenizer(model_dir: Path, config: FastVLMConfig) -> TokenizerWrapper:
+    from transformers.utils import logging
+
+    # AutoTokenizer peeks at our config.json and warns that `fastvlm_mlx` is not its model type.
+    previous = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return load_tokenizer(model_dir, eos_token_ids=list(config.eos_token_ids))
+    finally:
+        logging.set_verbosity(previous)

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random checkpoints built on the fly (no network, no downloads)."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fastvlm_mlx  # noqa: F401  (loads the optimized BLAS before anything imports mlx)
+
+os.environ.setdefault("TIMM_FUSED_ATTN", "0")  # explicit softmax attention in the reference
+TINY_VISION = dict(layers=(1, 1, 1, 1, 1), embed_dims=(8, 16, 32, 64, 128))
+TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                 num_hidden_layers=2, vocab_size=384, tie_word_embeddings=True)
+CORPUS = [
+    "what color is the shape? the shape is red. is there a blue circle? yes. no.",
+    "describe the image in detail. a green triangle on a white background, a gray square.",
+    "how many shapes are there? one two three. what is in the picture?",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def torch_ref():
+    return pytest.importorskip("bench.synthetic", reason="needs the torch extra")
+
+
+@pytest.fixture(scope="session")
+def image_path(tmp_path_factory) -> Path:
+    """A non-square image with structure, so cropping/padding/pruning differences show."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:240, 0:320]
+    base = np.stack([x / 320 * 255, y / 240 * 255, (x + y) % 64 * 4], axis=-1)
+    noisy = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("images") / "gradient.png"
+    Image.fromarray(noisy).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(torch_ref, tmp_path_factory):
+    """(directory, reference model) for a tiny transformers-format FastVLM."""
+    directory = tmp_path_factory.mktemp("tiny_hf")
+    tokenizer = torch_ref.make_tokenizer(directory, CORPUS, vocab_size=300)
+    model = torch_ref.build_reference(
+        TINY_VISION, TINY_TEXT, tokenizer.convert_tokens_to_ids("<image>"), seed=0, text_init=0.2
+    )
+    torch_ref.save_checkpoint(model, tokenizer, directory, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    return directory, model
+
+
+@pytest.fixture(scope="session")
+def tiny_mlx(tiny_hf, tmp_path_factory) -> Path:
+    from convert.convert import convert
+
+    return convert(tiny_hf[0], tmp_path_factory.mktemp("tiny") / "mlx")
