@@ -21,12 +21,33 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 TEXT_ARCHS = {
-    "0.5b": dict(hidden_size=896, num_hidden_layers=24, intermediate_size=4864, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, intermediate_size=8960, num_attention_heads=12,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "7b": dict(hidden_size=3584, num_hidden_layers=28, intermediate_size=18944, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "0.5b": dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        intermediate_size=4864,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "1.5b": dict(
+        hidden_size=1536,
+        num_hidden_layers=28,
+        intermediate_size=8960,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "7b": dict(
+        hidden_size=3584,
+        num_hidden_layers=28,
+        intermediate_size=18944,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -77,11 +98,21 @@ def build_reference(vision_args: dict, text_args: dict, image_token_id: int, see
     vision = VisionConfig.from_dict({**vision_args})
     config = FastVlmConfig(
         vision_config=dict(
-            model_type="timm_wrapper", architecture="fastvit_mci3", hidden_size=vision.num_features,
-            do_pooling=False, model_args=dict(inference_mode=True, **vision_args),
+            model_type="timm_wrapper",
+            architecture="fastvit_mci3",
+            hidden_size=vision.num_features,
+            do_pooling=False,
+            model_args=dict(inference_mode=True, **vision_args),
         ),
-        text_config=dict(model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768,
-                         initializer_range=text_init, eos_token_id=None, **text_args),
+        text_config=dict(
+            model_type="qwen2",
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            max_position_embeddings=32768,
+            initializer_range=text_init,
+            eos_token_id=None,
+            **text_args,
+        ),
         image_token_index=image_token_id,
         tie_word_embeddings=text_args.get("tie_word_embeddings", True),
     )
@@ -115,13 +146,28 @@ def to_original_layout(hf_dir: Path, out_dir: Path, vision: VisionConfig) -> Pat
     out_dir.mkdir(parents=True)
     save_file(original, out_dir / "model.safetensors", metadata={"format": "pt"})
     config = {
-        "model_type": "llava_qwen2", "architectures": ["LlavaQwen2ForCausalLM"],
-        **{k: text[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-                                "num_key_value_heads", "rms_norm_eps", "vocab_size", "max_position_embeddings")},
+        "model_type": "llava_qwen2",
+        "architectures": ["LlavaQwen2ForCausalLM"],
+        **{
+            k: text[k]
+            for k in (
+                "hidden_size",
+                "num_hidden_layers",
+                "intermediate_size",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "rms_norm_eps",
+                "vocab_size",
+                "max_position_embeddings",
+            )
+        },
         "rope_theta": text.get("rope_parameters", {}).get("rope_theta", 1e6),
         "tie_word_embeddings": text.get("tie_word_embeddings", True),
-        "mm_vision_tower": "mobileclip_l_1024", "mm_hidden_size": vision.num_features,
-        "mm_projector_type": "mlp2x_gelu", "image_aspect_ratio": "pad", "eos_token_id": raw.get("eos_token_id"),
+        "mm_vision_tower": "mobileclip_l_1024",
+        "mm_hidden_size": vision.num_features,
+        "mm_projector_type": "mlp2x_gelu",
+        "image_aspect_ratio": "pad",
+        "eos_token_id": raw.get("eos_token_id"),
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     for f in hf_dir.iterdir():

@@ -15,7 +15,7 @@ import mlx.core as mx
 from convert import keymap
 from fastvlm_mlx.config import FastVLMConfig, VisionConfig
 from fastvlm_mlx.errors import UserError
-from fastvlm_mlx.load import WEIGHTS_FILE, check_weights
+from fastvlm_mlx.load import WEIGHTS_FILE, check_weights, read_tokenizer
 from fastvlm_mlx.model import FastVLM
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -76,7 +76,9 @@ def vision_config(architecture: str, model_args: dict) -> VisionConfig:
     if architecture not in VISION_PRESETS:
         raise UserError(f"unsupported vision tower {architecture!r}; supported: {', '.join(VISION_PRESETS)}")
     if model_args.get("inference_mode") is False:
-        raise UserError("train-form (non-reparameterized) vision weights are not supported; export with inference_mode=True")
+        raise UserError(
+            "train-form (non-reparameterized) vision weights are not supported; export with inference_mode=True"
+        )
     return VisionConfig.from_dict({**VISION_PRESETS[architecture], **model_args})
 
 
@@ -130,7 +132,11 @@ def fold_batchnorm(weights: dict[str, mx.array]) -> None:
 
 def fold_layer_scale(weights: dict[str, mx.array]) -> None:
     """y = x + ls * f(x) with f ending in a linear layer: scale that layer's rows instead."""
-    targets = {".layer_scale.gamma": ".mlp.fc2", ".layer_scale_1.gamma": ".token_mixer.proj", ".layer_scale_2.gamma": ".mlp.fc2"}
+    targets = {
+        ".layer_scale.gamma": ".mlp.fc2",
+        ".layer_scale_1.gamma": ".token_mixer.proj",
+        ".layer_scale_2.gamma": ".mlp.fc2",
+    }
     for key in [k for k in weights if ".layer_scale" in k]:
         suffix = next(s for s in targets if key.endswith(s))
         layer = key[: -len(suffix)] + targets[suffix]
@@ -160,7 +166,8 @@ def tie_embeddings(weights: dict[str, mx.array], tied: bool) -> None:
         return
     head = weights.pop(head_key, None)
     if head is not None and not (head.shape == weights[embed_key].shape and mx.array_equal(head, weights[embed_key])):
-        warnings.warn("lm_head.weight differs from embed_tokens but the config ties them; using embed_tokens as the reference does")
+        message = "lm_head.weight differs from embed_tokens but the config ties them; using embed_tokens"
+        warnings.warn(message, stacklevel=2)
 
 
 def truncate_vocab(weights: dict[str, mx.array], size: int) -> None:
@@ -173,9 +180,7 @@ def truncate_vocab(weights: dict[str, mx.array], size: int) -> None:
 
 
 def tokenizer_length(src: Path) -> int:
-    from mlx_lm.tokenizer_utils import load as load_tokenizer
-
-    return len(load_tokenizer(src)._tokenizer)
+    return len(read_tokenizer(src)._tokenizer)
 
 
 def describe_source(src: Path, raw: dict, weights: dict[str, mx.array]):
@@ -189,7 +194,9 @@ def describe_source(src: Path, raw: dict, weights: dict[str, mx.array]):
         vision = vision_config(ORIGINAL_TOWERS[name], {})
         mapped = rename(weights, lambda k: keymap.original_to_hf(k, vision))
         tied = raw.get("tie_word_embeddings", True)
-        fields = dict(image_size=int(size), preprocess_mode="pad" if raw.get("image_aspect_ratio", "pad") == "pad" else "crop")
+        fields = dict(
+            image_size=int(size), preprocess_mode="pad" if raw.get("image_aspect_ratio", "pad") == "pad" else "crop"
+        )
         text = raw
         image_token = raw.get("image_token_index", -200)
     elif model_type == "fast_vlm":

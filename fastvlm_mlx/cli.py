@@ -41,8 +41,14 @@ def _print_version(ctx: click.Context, _param, value: bool) -> None:
 
 
 @click.group()
-@click.option("--version", is_flag=True, is_eager=True, expose_value=False, callback=_print_version,
-              help="Show versions, device and the BLAS in use.")
+@click.option(
+    "--version",
+    is_flag=True,
+    is_eager=True,
+    expose_value=False,
+    callback=_print_version,
+    help="Show versions, device and the BLAS in use.",
+)
 def main() -> None:
     """FastVLM in MLX: convert checkpoints, generate, benchmark."""
 
@@ -68,19 +74,31 @@ def generate(model_dir, image, prompt, max_tokens, temperature, top_p, image_siz
     model, tokenizer = load_model(model_dir)
     stream = None if as_json else (lambda text: click.echo(text, nl=False))
     result = run(
-        model, tokenizer, image, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-        image_size=image_size, seed=seed, on_text=stream,
+        model,
+        tokenizer,
+        image,
+        prompt,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        image_size=image_size,
+        seed=seed,
+        on_text=stream,
     )
     if not as_json:
         click.echo()
         return
-    click.echo(json.dumps({
-        "text": result.text,
-        "token_ids": result.token_ids,
-        "visual_tokens": {"before": result.visual_tokens_before, "after": result.visual_tokens_after},
-        "timings": asdict(result.timings),
-        "peak_memory_gb": result.peak_memory_gb,
-    }))
+    click.echo(
+        json.dumps(
+            {
+                "text": result.text,
+                "token_ids": result.token_ids,
+                "visual_tokens": {"before": result.visual_tokens_before, "after": result.visual_tokens_after},
+                "timings": asdict(result.timings),
+                "peak_memory_gb": result.peak_memory_gb,
+            }
+        )
+    )
 
 
 @main.command()

@@ -81,7 +81,11 @@ def generate(
     embeds = model.splice(ids_before, model.project(kept), ids_after)[0]  # (L, H)
     sampler = make_sampler(temp=temperature, top_p=top_p if 0 < top_p < 1 else 0.0)
     steps = generate_step(
-        mx.array([], dtype=mx.int32), model.language_model, max_tokens=max_tokens, sampler=sampler, input_embeddings=embeds
+        mx.array([], dtype=mx.int32),
+        model.language_model,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        input_embeddings=embeds,
     )
     eos = set(tokenizer.eos_token_ids) | set(config.eos_token_ids)
     token_ids: list[int] = []

@@ -34,7 +34,11 @@ def check_weights(model: FastVLM, weights: dict[str, mx.array], where: str) -> N
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     missing = sorted(expected.keys() - weights.keys())
     extra = sorted(weights.keys() - expected.keys())
-    wrong = [f"{k} {tuple(weights[k].shape)} != {tuple(s)}" for k, s in expected.items() if k in weights and weights[k].shape != s]
+    wrong = [
+        f"{k} {tuple(weights[k].shape)} != {tuple(s)}"
+        for k, s in expected.items()
+        if k in weights and weights[k].shape != s
+    ]
     for label, items in (("missing", missing), ("unexpected", extra), ("mis-shaped", wrong)):
         if items:
             shown = ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
@@ -54,16 +58,16 @@ def load_model(model_dir: str | Path) -> tuple[FastVLM, TokenizerWrapper]:
     model.load_weights(list(weights.items()))
     model.eval()
     mx.eval(model.parameters())
-    return model, read_tokenizer(model_dir, config)
+    return model, read_tokenizer(model_dir, list(config.eos_token_ids))
 
 
-def read_tokenizer(model_dir: Path, config: FastVLMConfig) -> TokenizerWrapper:
+def read_tokenizer(model_dir: Path, eos_token_ids: list[int] | None = None) -> TokenizerWrapper:
+    """mlx-lm's tokenizer loader, without transformers' warning about our config.json's model_type."""
     from transformers.utils import logging
 
-    # AutoTokenizer peeks at our config.json and warns that `fastvlm_mlx` is not its model type.
     previous = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        return load_tokenizer(model_dir, eos_token_ids=list(config.eos_token_ids))
+        return load_tokenizer(Path(model_dir), eos_token_ids=eos_token_ids)
     finally:
         logging.set_verbosity(previous)

@@ -24,7 +24,9 @@ def load_image(path: str | Path) -> Image.Image:
             image = ImageOps.exif_transpose(image)
             return _to_rgb(image)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ImageError(f"cannot read {path} as an image ({error}); give a PNG, JPEG or other PIL-readable file") from None
+        raise ImageError(
+            f"cannot read {path} as an image ({error}); give a PNG, JPEG or other PIL-readable file"
+        ) from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

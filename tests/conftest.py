@@ -11,8 +11,15 @@ import fastvlm_mlx  # noqa: F401  (loads the optimized BLAS before anything impo
 
 os.environ.setdefault("TIMM_FUSED_ATTN", "0")  # explicit softmax attention in the reference
 TINY_VISION = dict(layers=(1, 1, 1, 1, 1), embed_dims=(8, 16, 32, 64, 128))
-TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                 num_hidden_layers=2, vocab_size=384, tie_word_embeddings=True)
+TINY_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=2,
+    vocab_size=384,
+    tie_word_embeddings=True,
+)
 CORPUS = [
     "what color is the shape? the shape is red. is there a blue circle? yes. no.",
     "describe the image in detail. a green triangle on a white background, a gray square.",

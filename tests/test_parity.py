@@ -61,16 +61,28 @@ def test_last_position_logits_match(pair):
 def test_greedy_tokens_match_through_cli(pair, tiny_mlx, image_path):
     reference, model, tokenizer, pixels = pair
     result = CliRunner().invoke(
-        main, ["generate", "--model", str(tiny_mlx), "--image", str(image_path), "--prompt", PROMPT,
-               "--max-tokens", "16", "--json"],
+        main,
+        [
+            "generate",
+            "--model",
+            str(tiny_mlx),
+            "--image",
+            str(image_path),
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            "16",
+            "--json",
+        ],
     )
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     before, after = tokenize_prompt(tokenizer, PROMPT)
     ids = torch.tensor([before + [reference.config.image_token_id] * 256 + after])
     with torch.no_grad():
-        ref = reference.generate(input_ids=ids, pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2),
-                                 max_new_tokens=16, do_sample=False)[0, ids.shape[1]:].tolist()
+        ref = reference.generate(
+            input_ids=ids, pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2), max_new_tokens=16, do_sample=False
+        )[0, ids.shape[1] :].tolist()
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     ref = ref[: ref.index(eos)] if eos in ref else ref
     assert len(ref) >= 8, "the reference stopped too early for a meaningful comparison"
