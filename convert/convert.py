@@ -259,6 +259,7 @@ def write_atomically(out: Path, config: FastVLMConfig, weights: dict[str, mx.arr
     """Write into a temp dir beside OUT, then swap it in; OUT is never left half-written."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the model directory should not be
     try:
         mx.save_safetensors(str(tmp / WEIGHTS_FILE), weights, metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")

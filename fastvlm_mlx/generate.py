@@ -31,7 +31,7 @@ class GenerationResult:
     visual_tokens_before: int
     visual_tokens_after: int
     timings: Timings
-    peak_memory_gb: float
+    peak_memory_gb: float | None  # None where the framework cannot measure it (torch on CPU)
 
 
 def _now(*arrays: mx.array) -> float:
@@ -99,7 +99,8 @@ def generate(
         if token in eos:
             break
         token_ids.append(token)
-        text = _stream_text(tokenizer, token_ids, text, on_text)
+        if on_text:  # decoding per token is only worth its cost when someone is watching
+            text = _stream_text(tokenizer, token_ids, text, on_text)
     text = _stream_text(tokenizer, token_ids, text, on_text, final=True)
 
     decoded = generated - 1  # tokens after the first, eos included

@@ -114,3 +114,18 @@ def test_dtype_is_applied(tiny_hf, tmp_path, dtype):
     out = convert(tiny_hf[0], tmp_path / dtype, dtype=dtype)
     weights = mx.load(str(out / "model.safetensors"))
     assert {str(w.dtype) for w in weights.values()} == {f"mlx.core.{dtype}"}
+
+
+def test_pytorch_bin_checkpoint_converts_like_safetensors(tiny_hf, tiny_mlx, tmp_path):
+    from safetensors.torch import load_file
+
+    src = tmp_path / "bin"
+    src.mkdir()
+    for f in tiny_hf[0].iterdir():
+        if f.suffix != ".safetensors":
+            (src / f.name).write_bytes(f.read_bytes())
+    torch.save(load_file(tiny_hf[0] / "model.safetensors"), src / "pytorch_model.bin")
+    from_bin = mx.load(str(convert(src, tmp_path / "out") / "model.safetensors"))
+    reference = mx.load(str(tiny_mlx / "model.safetensors"))
+    assert from_bin.keys() == reference.keys()
+    assert all(mx.array_equal(from_bin[k], reference[k]) for k in reference)

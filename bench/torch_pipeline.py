@@ -1,0 +1,72 @@
+"""The PyTorch reference pipeline with the same stages and timers as `fastvlm_mlx.generate`.
+
+Same preprocessing function, prompt and token counts as the MLX side; TTFT is image file in ->
+first token out. Decoding reuses the KV cache, one token per step (greedy).
+"""
+
+import time
+from pathlib import Path
+
+import torch
+
+from fastvlm_mlx.generate import GenerationResult, Timings
+from fastvlm_mlx.preprocess import load_image, preprocess
+from fastvlm_mlx.prompt import tokenize_prompt
+
+
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+    return time.perf_counter()
+
+
+@torch.inference_mode()
+def torch_generate(
+    model, tokenizer, image: str | Path, prompt: str, *, image_size: int, mode: str, max_tokens: int, eos: set[int]
+) -> GenerationResult:
+    """Greedy generation with transformers' FastVlmForConditionalGeneration, timed per stage."""
+    device, dtype = model.device, model.dtype
+    start = time.perf_counter()
+    pixels = torch.from_numpy(preprocess(load_image(image), image_size, mode)).permute(0, 3, 1, 2)
+    pixels = pixels.to(device=device, dtype=dtype)
+    ids_before, ids_after = tokenize_prompt(tokenizer, prompt)
+    t_pre = _sync(device)
+
+    vision = model.model.vision_tower(pixels).last_hidden_state.flatten(2).transpose(1, 2)  # (1, N, D)
+    t_vision = _sync(device)
+    t_prune = _sync(device)
+
+    embed = model.get_input_embeddings()
+    ids = [torch.tensor([x], device=device) for x in (ids_before, ids_after)]
+    embeds = torch.cat([embed(ids[0]), model.model.multi_modal_projector(vision), embed(ids[1])], dim=1)
+    out = model.model.language_model(inputs_embeds=embeds, use_cache=True)
+    token = model.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
+    cache = out.cache
+    token_ids = [int(token)]
+    t_first = _sync(device)
+    while len(token_ids) < max_tokens and token_ids[-1] not in eos:
+        out = model.model.language_model(inputs_embeds=embed(token[:, None]), cache=cache, use_cache=True)
+        cache = out.cache
+        token = model.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
+        token_ids.append(int(token))
+    t_last = _sync(device)
+    generated = len(token_ids)
+    token_ids = [t for t in token_ids if t not in eos]
+    timings = Timings(
+        preprocess_s=t_pre - start,
+        vision_s=t_vision - t_pre,
+        prune_s=t_prune - t_vision,
+        prefill_s=t_first - t_prune,
+        ttft_s=t_first - start,
+        decode_tokens_per_s=(generated - 1) / (t_last - t_first) if generated > 1 else 0.0,
+    )
+    return GenerationResult(
+        text=tokenizer.decode(token_ids),
+        token_ids=token_ids,
+        visual_tokens_before=vision.shape[1],
+        visual_tokens_after=vision.shape[1],
+        timings=timings,
+        peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
+    )
