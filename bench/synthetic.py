@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from convert.convert import TEXT_FIELDS
 from convert.keymap import hf_to_original
 from fastvlm_mlx.config import VisionConfig
 
@@ -148,19 +149,7 @@ def to_original_layout(hf_dir: Path, out_dir: Path, vision: VisionConfig) -> Pat
     config = {
         "model_type": "llava_qwen2",
         "architectures": ["LlavaQwen2ForCausalLM"],
-        **{
-            k: text[k]
-            for k in (
-                "hidden_size",
-                "num_hidden_layers",
-                "intermediate_size",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "rms_norm_eps",
-                "vocab_size",
-                "max_position_embeddings",
-            )
-        },
+        **{k: text[k] for k in (*TEXT_FIELDS, "vocab_size") if k != "rope_theta"},
         "rope_theta": text.get("rope_parameters", {}).get("rope_theta", 1e6),
         "tie_word_embeddings": text.get("tie_word_embeddings", True),
         "mm_vision_tower": "mobileclip_l_1024",

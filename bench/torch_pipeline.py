@@ -54,14 +54,7 @@ def torch_generate(
     t_last = _sync(device)
     generated = len(token_ids)
     token_ids = [t for t in token_ids if t not in eos]
-    timings = Timings(
-        preprocess_s=t_pre - start,
-        vision_s=t_vision - t_pre,
-        prune_s=t_prune - t_vision,
-        prefill_s=t_first - t_prune,
-        ttft_s=t_first - start,
-        decode_tokens_per_s=(generated - 1) / (t_last - t_first) if generated > 1 else 0.0,
-    )
+    timings = Timings.from_marks(start, t_pre, t_vision, t_prune, t_first, t_last, generated)
     return GenerationResult(
         text=tokenizer.decode(token_ids),
         token_ids=token_ids,

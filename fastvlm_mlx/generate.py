@@ -23,6 +23,19 @@ class Timings:
     ttft_s: float  # image file in -> first token out, every stage above
     decode_tokens_per_s: float  # tokens after the first, per second of decoding
 
+    @classmethod
+    def from_marks(cls, start, preprocessed, encoded, pruned, first, last, generated: int) -> "Timings":
+        """Stage timings from perf_counter marks; `generated` counts every sampled token (eos too)."""
+        decoded = generated - 1
+        return cls(
+            preprocess_s=preprocessed - start,
+            vision_s=encoded - preprocessed,
+            prune_s=pruned - encoded,
+            prefill_s=first - pruned,
+            ttft_s=first - start,
+            decode_tokens_per_s=decoded / (last - first) if decoded > 0 and last > first else 0.0,
+        )
+
 
 @dataclass
 class GenerationResult:
@@ -103,15 +116,7 @@ def generate(
             text = _stream_text(tokenizer, token_ids, text, on_text)
     text = _stream_text(tokenizer, token_ids, text, on_text, final=True)
 
-    decoded = generated - 1  # tokens after the first, eos included
-    timings = Timings(
-        preprocess_s=t_pre - start,
-        vision_s=t_vision - t_pre,
-        prune_s=t_prune - t_vision,
-        prefill_s=t_first - t_prune,
-        ttft_s=t_first - start,
-        decode_tokens_per_s=decoded / (t_last - t_first) if decoded and t_last > t_first else 0.0,
-    )
+    timings = Timings.from_marks(start, t_pre, t_vision, t_prune, t_first, t_last, generated)
     return GenerationResult(
         text=text,
         token_ids=token_ids,
