@@ -1,0 +1,93 @@
+"""The pruner registry, the shared result type and the keep-count rule."""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import mlx.core as mx
+
+
+class PrunerError(ValueError):
+    """A pruner name or keep ratio that cannot be used; the message lists what is valid."""
+
+
+class Pruned(NamedTuple):
+    tokens: mx.array  # (B, k, D) kept or merged tokens, in their original spatial order
+    indices: mx.array  # (B, k) int32, ascending: the source token each output stands at
+    sources: mx.array  # (B, N) int32: the output slot each source token fed, -1 if dropped
+
+
+# fn(tokens (B, N, D), k, scores (B, N) or None, grid (h, w), seed) -> Pruned
+PrunerFn = Callable[[mx.array, int, mx.array | None, tuple[int, int], int], Pruned]
+
+
+@dataclass(frozen=True)
+class Pruner:
+    name: str
+    fn: PrunerFn
+    needs_scores: bool  # needs attention received from the vision tower's last attention block
+    merges: bool  # outputs are averages of several source tokens
+
+
+PRUNERS: dict[str, Pruner] = {}
+
+
+def register(name: str, needs_scores: bool = False, merges: bool = False):
+    def add(fn: PrunerFn) -> PrunerFn:
+        PRUNERS[name] = Pruner(name, fn, needs_scores, merges)
+        return fn
+
+    return add
+
+
+def get_pruner(name: str) -> Pruner:
+    if name not in PRUNERS:
+        raise PrunerError(f"unknown pruner {name!r}; choose one of: {', '.join(sorted(PRUNERS))}")
+    return PRUNERS[name]
+
+
+def keep_count(num_tokens: int, keep_ratio: float) -> int:
+    """k = max(1, round(keep_ratio * N)), for a keep ratio in (0, 1]."""
+    if not isinstance(keep_ratio, int | float) or not 0 < keep_ratio <= 1:
+        raise PrunerError(f"keep ratio must be in (0, 1], got {keep_ratio!r}; e.g. 0.5 keeps half the tokens")
+    return max(1, round(keep_ratio * num_tokens))
+
+
+def square_grid(num_tokens: int) -> tuple[int, int]:
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise PrunerError(f"{num_tokens} tokens do not form a square grid; pass grid=(h, w)")
+    return side, side
+
+
+def identity(tokens: mx.array) -> Pruned:
+    B, N, _ = tokens.shape
+    positions = mx.broadcast_to(mx.arange(N, dtype=mx.int32), (B, N))
+    return Pruned(tokens, positions, positions)
+
+
+def prune(
+    name: str,
+    tokens: mx.array,
+    keep_ratio: float,
+    scores: mx.array | None = None,
+    grid: tuple[int, int] | None = None,
+    seed: int = 0,
+) -> Pruned:
+    """Prune tokens (B, N, D) to k = max(1, round(keep_ratio * N)) with the named method.
+
+    `keep_ratio = 1` returns the tokens untouched. `scores` (B, N) is the attention each
+    token received, needed by methods with `needs_scores`.
+    """
+    pruner = get_pruner(name)
+    N = tokens.shape[1]
+    k = keep_count(N, keep_ratio)
+    grid = grid or square_grid(N)
+    if grid[0] * grid[1] != N:
+        raise PrunerError(f"grid {grid} does not hold {N} tokens")
+    if pruner.needs_scores and (scores is None or scores.shape != tokens.shape[:2]):
+        raise PrunerError(f"pruner {name!r} needs attention scores of shape {tokens.shape[:2]}")
+    if k == N:
+        return identity(tokens)
+    return pruner.fn(tokens, k, scores, grid, seed)

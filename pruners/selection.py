@@ -1,0 +1,65 @@
+"""Pruners that keep a subset of the tokens unchanged."""
+
+import mlx.core as mx
+
+from pruners.ops import cosine_similarity, select, top_k_sorted
+from pruners.registry import Pruned, register
+
+_MASK32 = 0xFFFFFFFF
+
+
+@register("norm")
+def norm(tokens: mx.array, k: int, scores, grid, seed) -> Pruned:
+    """The k tokens with the largest L2 norm."""
+    return select(tokens, top_k_sorted(mx.linalg.norm(tokens, axis=-1), k))
+
+
+@register("attention", needs_scores=True)
+def attention(tokens: mx.array, k: int, scores: mx.array, grid, seed) -> Pruned:
+    """The k tokens that receive the most attention in the tower's last attention block
+    (ATS, Fayyaz et al. 2022, arXiv 2111.15667; FastViTHD has no CLS token, so the
+    importance is attention received, averaged over heads and queries)."""
+    return select(tokens, top_k_sorted(scores, k))
+
+
+def hash_scores(batch: int, num_tokens: int, seed: int) -> mx.array:
+    """(B, N) uint32 pseudo-random scores: a bijective integer hash of (seed, image, token).
+
+    Integer arithmetic only, so the PyTorch baseline reproduces it bit for bit; a bijection,
+    so scores never tie.
+    """
+    x = mx.arange(batch * num_tokens, dtype=mx.uint32).reshape(batch, num_tokens)
+    x = x ^ mx.array((seed * 0x9E3779B9 + 0x632BE5AB) & _MASK32, dtype=mx.uint32)
+    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):  # "lowbias32"
+        x = (x ^ (x >> shift)) * mx.array(multiplier, dtype=mx.uint32)
+    return x ^ (x >> 16)
+
+
+@register("random")
+def random_tokens(tokens: mx.array, k: int, scores, grid, seed: int) -> Pruned:
+    """k tokens drawn uniformly without replacement, seeded, independently per image."""
+    B, N, _ = tokens.shape
+    return select(tokens, top_k_sorted(hash_scores(B, N, seed), k))
+
+
+@register("divprune")
+def divprune(tokens: mx.array, k: int, scores, grid, seed) -> Pruned:
+    """Max-min diversity selection (DivPrune, Alvar et al. 2025, arXiv 2503.02175).
+
+    Greedy farthest-point selection in cosine distance: start from the token farthest from its
+    nearest neighbour, then repeatedly add the token farthest from everything chosen. The k
+    greedy steps are lazy array ops (no host syncs), each over all N tokens at once.
+    """
+    B, N, _ = tokens.shape
+    distance = 1 - cosine_similarity(tokens, tokens)  # (B, N, N)
+    positions = mx.arange(N)
+    self_pairs = positions[:, None] == positions
+    nearest = mx.where(self_pairs, mx.inf, distance).min(axis=-1)  # (B, N) distance to nearest other token
+    picked = mx.argmax(nearest, axis=-1)  # (B,)
+    chosen, picks = picked[:, None] == positions, [picked]
+    to_chosen = mx.take_along_axis(distance, picked[:, None, None], axis=1)[:, 0]  # (B, N)
+    for _ in range(k - 1):
+        picked = mx.argmax(mx.where(chosen, -mx.inf, to_chosen), axis=-1)
+        chosen, picks = chosen | (picked[:, None] == positions), [*picks, picked]
+        to_chosen = mx.minimum(to_chosen, mx.take_along_axis(distance, picked[:, None, None], axis=1)[:, 0])
+    return select(tokens, mx.sort(mx.stack(picks, axis=1), axis=-1).astype(mx.int32))
