@@ -95,7 +95,8 @@ def _similarity(tokens, k, scores, grid, seed):
 def _pool(tokens, k, scores, grid, seed):
     B, n, _ = tokens.shape
     cells = torch.from_numpy(np.asarray(pool_cells(grid, k))).long().to(tokens.device)  # same cells as MLX
-    first = torch.where(cells[:, None] == torch.arange(k, device=tokens.device), torch.arange(n, device=tokens.device)[:, None], n)
+    positions = torch.arange(n, device=tokens.device)[:, None]
+    first = torch.where(cells[:, None] == torch.arange(k, device=tokens.device), positions, n)
     return _merge(tokens, first.min(0).values.expand(B, k), cells.expand(B, n))
 
 
