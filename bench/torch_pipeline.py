@@ -9,9 +9,11 @@ from pathlib import Path
 
 import torch
 
+from bench.torch_pruners import torch_prune
 from fastvlm_mlx.generate import GenerationResult, Timings
 from fastvlm_mlx.preprocess import load_image, preprocess
 from fastvlm_mlx.prompt import tokenize_prompt
+from pruners import check
 
 
 def _sync(device: torch.device) -> float:
@@ -22,25 +24,67 @@ def _sync(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def last_attention(model) -> torch.nn.Module:
+    """The vision tower's last attention token mixer (timm fastvit `Attention`)."""
+    return [m for m in model.model.vision_tower.modules() if type(m).__name__ == "Attention"][-1]
+
+
+def attention_received(attention: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, N): attention each token receives in `attention` for its input x (B, C, H, W),
+    averaged over heads and queries (explicit softmax, as the MLX tower's scored block)."""
+    B, C, H, W = x.shape
+    qkv = attention.qkv(x.flatten(2).transpose(1, 2)).reshape(B, H * W, 3, attention.num_heads, -1)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4)
+    return ((q * attention.scale) @ k.transpose(-1, -2)).softmax(-1).mean(dim=(1, 2))
+
+
+def encode_image(model, pixels: torch.Tensor, with_scores: bool):
+    """Vision tokens (B, N, D) and, when asked, attention received in the last attention block."""
+    scores = []
+    if with_scores:
+        hook = last_attention(model).register_forward_pre_hook(
+            lambda module, args: scores.append(attention_received(module, args[0]))
+        )
+    try:
+        vision = model.model.vision_tower(pixels).last_hidden_state.flatten(2).transpose(1, 2)
+    finally:
+        if with_scores:
+            hook.remove()
+    return vision, scores[0] if scores else None
+
+
 @torch.inference_mode()
 def torch_generate(
-    model, tokenizer, image: str | Path, prompt: str, *, image_size: int, mode: str, max_tokens: int, eos: set[int]
+    model,
+    tokenizer,
+    image: str | Path,
+    prompt: str,
+    *,
+    image_size: int,
+    mode: str,
+    max_tokens: int,
+    eos: set[int],
+    pruner: str | None = None,
+    keep_ratio: float = 1.0,
+    seed: int = 0,
 ) -> GenerationResult:
     """Greedy generation with transformers' FastVlmForConditionalGeneration, timed per stage."""
     device, dtype = model.device, model.dtype
+    needs_scores = pruner is not None and check(pruner, keep_ratio).needs_scores
     start = time.perf_counter()
     pixels = torch.from_numpy(preprocess(load_image(image), image_size, mode)).permute(0, 3, 1, 2)
     pixels = pixels.to(device=device, dtype=dtype)
     ids_before, ids_after = tokenize_prompt(tokenizer, prompt)
     t_pre = _sync(device)
 
-    vision = model.model.vision_tower(pixels).last_hidden_state.flatten(2).transpose(1, 2)  # (1, N, D)
+    vision, scores = encode_image(model, pixels, needs_scores)  # (1, N, D), (1, N) or None
     t_vision = _sync(device)
+    kept = vision if pruner is None else torch_prune(pruner, vision, keep_ratio, scores, seed=seed)[0]
     t_prune = _sync(device)
 
     embed = model.get_input_embeddings()
     ids = [torch.tensor([x], device=device) for x in (ids_before, ids_after)]
-    embeds = torch.cat([embed(ids[0]), model.model.multi_modal_projector(vision), embed(ids[1])], dim=1)
+    embeds = torch.cat([embed(ids[0]), model.model.multi_modal_projector(kept), embed(ids[1])], dim=1)
     out = model.model.language_model(inputs_embeds=embeds, use_cache=True)
     token = model.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
     cache = out.cache
@@ -59,7 +103,7 @@ def torch_generate(
         text=tokenizer.decode(token_ids),
         token_ids=token_ids,
         visual_tokens_before=vision.shape[1],
-        visual_tokens_after=vision.shape[1],
+        visual_tokens_after=kept.shape[1],
         timings=timings,
         peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
     )

@@ -47,9 +47,9 @@ def _merge_into_nearest(tokens, anchors, candidates, similarity):
     return _merge(tokens, anchors, torch.where(anchor_slots >= 0, anchor_slots, joined))
 
 
-def _hash_scores(batch: int, n: int, seed: int, device) -> torch.Tensor:
+def _hash_scores(n: int, seed: int, device) -> torch.Tensor:
     """The MLX uint32 hash in int64 arithmetic, masked to 32 bits after every multiply."""
-    x = torch.arange(batch * n, dtype=torch.int64, device=device).reshape(batch, n)
+    x = torch.arange(n, dtype=torch.int64, device=device)
     x = x ^ ((seed * 0x9E3779B9 + 0x632BE5AB) & _MASK32)
     for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
         x = ((x ^ (x >> shift)) * multiplier) & _MASK32
@@ -65,7 +65,8 @@ def _attention(tokens, k, scores, grid, seed):
 
 
 def _random(tokens, k, scores, grid, seed):
-    return _select(tokens, _top_k_sorted(_hash_scores(tokens.shape[0], tokens.shape[1], seed, tokens.device), k))
+    B, n, _ = tokens.shape
+    return _select(tokens, _top_k_sorted(_hash_scores(n, seed, tokens.device).expand(B, n), k))
 
 
 def _divprune(tokens, k, scores, grid, seed):

@@ -25,10 +25,11 @@ def _fail_cleanly(fn):
     @wraps(fn)
     def wrapper(*args, **kwargs):
         from fastvlm_mlx.errors import UserError
+        from pruners import PrunerError
 
         try:
             return fn(*args, **kwargs)
-        except UserError as error:
+        except (UserError, PrunerError) as error:
             raise click.ClickException(str(error)) from None
 
     return wrapper
@@ -53,6 +54,31 @@ def main() -> None:
     """FastVLM in MLX: convert checkpoints, generate, benchmark."""
 
 
+IMAGE_SIZE = click.option(
+    "--image-size",
+    default=None,
+    type=click.IntRange(min=64),
+    help="Input resolution instead of the model's (768 -> 144 visual tokens, 512 -> 64).",
+)
+PRUNER = click.option("--pruner", default=None, help="Visual-token pruner (norm, attention, divprune, ...).")
+KEEP_RATIO = click.option(
+    "--keep-ratio", default=1.0, show_default=True, type=float, help="Share of visual tokens to keep, in (0, 1]."
+)
+
+
+def _check_inputs(image: str, pruner: str | None, keep_ratio: float) -> None:
+    """Fail on a bad image, pruner or ratio before spending seconds loading the model."""
+    from fastvlm_mlx.errors import UserError
+    from fastvlm_mlx.preprocess import load_image
+    from pruners import check
+
+    if pruner is None and keep_ratio != 1.0:
+        raise UserError("--keep-ratio needs a pruner: add --pruner NAME (e.g. --pruner divprune)")
+    if pruner is not None:
+        check(pruner, keep_ratio)
+    load_image(image)
+
+
 @main.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="Converted MLX model directory.")
 @click.option("--image", required=True, type=click.Path(), help="Image file (any format PIL reads).")
@@ -60,17 +86,20 @@ def main() -> None:
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0))
-@click.option("--image-size", default=None, type=click.IntRange(min=64), help="Override the model's input resolution.")
-@click.option("--seed", default=None, type=int, help="Random seed for sampling.")
+@IMAGE_SIZE
+@PRUNER
+@KEEP_RATIO
+@click.option("--seed", default=None, type=int, help="Random seed for sampling and the random pruner.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @_fail_cleanly
-def generate(model_dir, image, prompt, max_tokens, temperature, top_p, image_size, seed, as_json) -> None:
+def generate(
+    model_dir, image, prompt, max_tokens, temperature, top_p, image_size, pruner, keep_ratio, seed, as_json
+) -> None:
     """Answer PROMPT about IMAGE, streaming the text."""
     from fastvlm_mlx.generate import generate as run
     from fastvlm_mlx.load import load_model
-    from fastvlm_mlx.preprocess import load_image
 
-    load_image(image)  # fail on a bad image before spending seconds loading the model
+    _check_inputs(image, pruner, keep_ratio)
     model, tokenizer = load_model(model_dir)
     stream = None if as_json else (lambda text: click.echo(text, nl=False))
     result = run(
@@ -82,6 +111,8 @@ def generate(model_dir, image, prompt, max_tokens, temperature, top_p, image_siz
         temperature=temperature,
         top_p=top_p,
         image_size=image_size,
+        pruner=pruner,
+        keep_ratio=keep_ratio,
         seed=seed,
         on_text=stream,
     )
@@ -112,6 +143,27 @@ def convert(src, out, dtype, force) -> None:
     from convert.convert import convert as run
 
     click.echo(f"converted {src} -> {run(src, out, dtype=dtype, force=force)}", err=True)
+
+
+@main.command("prune-viz")
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="Converted MLX model directory.")
+@click.option("--image", required=True, type=click.Path(), help="Image file (any format PIL reads).")
+@click.option("--pruner", required=True, help="Visual-token pruner (norm, attention, divprune, ...).")
+@KEEP_RATIO
+@IMAGE_SIZE
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for the random pruner.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="PNG to write.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@_fail_cleanly
+def prune_viz(model_dir, image, pruner, keep_ratio, image_size, seed, output, force) -> None:
+    """Draw which visual tokens PRUNER keeps: kept clear, dropped dimmed, merged groups coloured."""
+    from fastvlm_mlx.load import load_model
+    from fastvlm_mlx.pruneviz import draw_pruning
+
+    _check_inputs(image, pruner, keep_ratio)
+    model, _ = load_model(model_dir)
+    written = draw_pruning(model, image, pruner, keep_ratio, output, image_size=image_size, seed=seed, force=force)
+    click.echo(f"wrote {written}", err=True)
 
 
 if __name__ == "__main__":

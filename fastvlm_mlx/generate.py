@@ -12,6 +12,7 @@ from mlx_lm.sample_utils import make_sampler
 from fastvlm_mlx.model import FastVLM
 from fastvlm_mlx.preprocess import load_image, preprocess
 from fastvlm_mlx.prompt import tokenize_prompt
+from pruners import Pruned, check, identity, prune
 
 
 @dataclass
@@ -72,11 +73,18 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     image_size: int | None = None,
+    pruner: str | None = None,
+    keep_ratio: float = 1.0,
     seed: int | None = None,
     on_text: Callable[[str], None] | None = None,
 ) -> GenerationResult:
-    """Answer `prompt` about the image file; `on_text` receives text as it is decoded."""
+    """Answer `prompt` about the image file; `on_text` receives text as it is decoded.
+
+    With `pruner`, the vision tokens are cut to `keep_ratio` before the projector; `seed`
+    seeds sampling and the `random` pruner (0 when not given).
+    """
     config = model.config
+    needs_scores = pruner is not None and check(pruner, keep_ratio).needs_scores
     if seed is not None:
         mx.random.seed(seed)
     mx.reset_peak_memory()
@@ -86,12 +94,12 @@ def generate(
     ids_before, ids_after = tokenize_prompt(tokenizer, prompt)
     t_pre = _now(pixels)
 
-    tokens, _ = model.encode_image(pixels)  # (1, N, D)
-    t_vision = _now(tokens)
-    kept = tokens
-    t_prune = _now(kept)
+    tokens, scores = model.encode_image(pixels, with_scores=needs_scores)  # (1, N, D), (1, N) or None
+    t_vision = _now(tokens, *([scores] if needs_scores else []))
+    kept = prune_tokens(tokens, scores, pruner, keep_ratio, seed or 0)
+    t_prune = _now(kept.tokens, kept.indices)
 
-    embeds = model.splice(ids_before, model.project(kept), ids_after)[0]  # (L, H)
+    embeds = model.splice(ids_before, model.project(kept.tokens), ids_after)[0]  # (L, H)
     sampler = make_sampler(temp=temperature, top_p=top_p if 0 < top_p < 1 else 0.0)
     steps = generate_step(
         mx.array([], dtype=mx.int32),
@@ -121,7 +129,14 @@ def generate(
         text=text,
         token_ids=token_ids,
         visual_tokens_before=tokens.shape[1],
-        visual_tokens_after=kept.shape[1],
+        visual_tokens_after=kept.tokens.shape[1],
         timings=timings,
         peak_memory_gb=mx.get_peak_memory() / 1e9,
     )
+
+
+def prune_tokens(tokens: mx.array, scores: mx.array | None, pruner: str | None, keep_ratio: float, seed: int) -> Pruned:
+    """The pipeline's pruning step: the whole token set when no pruner is given."""
+    if pruner is None:
+        return identity(tokens)
+    return prune(pruner, tokens, keep_ratio, scores=scores, seed=seed)

@@ -47,6 +47,12 @@ def get_pruner(name: str) -> Pruner:
     return PRUNERS[name]
 
 
+def check(name: str, keep_ratio: float) -> Pruner:
+    """Validate a pruner name and keep ratio up front, before any expensive work."""
+    keep_count(1, keep_ratio)
+    return get_pruner(name)
+
+
 def keep_count(num_tokens: int, keep_ratio: float) -> int:
     """k = max(1, round(keep_ratio * N)), for a keep ratio in (0, 1]."""
     if not isinstance(keep_ratio, int | float) or not 0 < keep_ratio <= 1:

@@ -22,14 +22,13 @@ def attention(tokens: mx.array, k: int, scores: mx.array, grid, seed) -> Pruned:
     return select(tokens, top_k_sorted(scores, k))
 
 
-def hash_scores(batch: int, num_tokens: int, seed: int) -> mx.array:
-    """(B, N) uint32 pseudo-random scores: a bijective integer hash of (seed, image, token).
+def hash_scores(num_tokens: int, seed: int) -> mx.array:
+    """(N,) uint32 pseudo-random scores: a bijective integer hash of (seed, token position).
 
     Integer arithmetic only, so the PyTorch baseline reproduces it bit for bit; a bijection,
     so scores never tie.
     """
-    x = mx.arange(batch * num_tokens, dtype=mx.uint32).reshape(batch, num_tokens)
-    x = x ^ mx.array((seed * 0x9E3779B9 + 0x632BE5AB) & _MASK32, dtype=mx.uint32)
+    x = mx.arange(num_tokens, dtype=mx.uint32) ^ mx.array((seed * 0x9E3779B9 + 0x632BE5AB) & _MASK32, dtype=mx.uint32)
     for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):  # "lowbias32"
         x = (x ^ (x >> shift)) * mx.array(multiplier, dtype=mx.uint32)
     return x ^ (x >> 16)
@@ -37,9 +36,10 @@ def hash_scores(batch: int, num_tokens: int, seed: int) -> mx.array:
 
 @register("random")
 def random_tokens(tokens: mx.array, k: int, scores, grid, seed: int) -> Pruned:
-    """k tokens drawn uniformly without replacement, seeded, independently per image."""
+    """k tokens drawn uniformly without replacement; the draw depends only on the seed and
+    the grid, so an image gets the same tokens alone or in a batch."""
     B, N, _ = tokens.shape
-    return select(tokens, top_k_sorted(hash_scores(B, N, seed), k))
+    return select(tokens, top_k_sorted(mx.broadcast_to(hash_scores(N, seed), (B, N)), k))
 
 
 @register("divprune")

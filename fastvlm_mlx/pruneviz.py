@@ -1,0 +1,75 @@
+"""Draw what a pruner keeps: the model's input image with its visual-token grid on top."""
+
+import colorsys
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from fastvlm_mlx.errors import UserError
+from fastvlm_mlx.model import FastVLM
+from fastvlm_mlx.preprocess import load_image, preprocess
+from pruners import check, prune
+
+DIM = 0.25  # brightness of dropped tokens
+TINT = 0.45  # colour weight on tokens merged into a group
+
+
+def _palette(count: int) -> np.ndarray:
+    """(count, 3) distinct bright colours (golden-ratio hue steps)."""
+    hues = (np.arange(count) * 0.618034) % 1.0
+    return np.array([colorsys.hsv_to_rgb(h, 0.85, 1.0) for h in hues]) * 255
+
+
+def render(pixels: np.ndarray, sources: np.ndarray, anchors: np.ndarray, title: str) -> Image.Image:
+    """pixels (S, S, 3) in [0, 1]; sources (N,) slot per token or -1; anchors (k,) token of each slot."""
+    S, side = pixels.shape[0], math.isqrt(len(sources))
+    cell_of_pixel = np.arange(S) * side // S  # (S,) token row/column of each pixel row/column
+    slot = sources[cell_of_pixel[:, None] * side + cell_of_pixel[None, :]]  # (S, S)
+    group_size = np.bincount(sources[sources >= 0], minlength=len(anchors))
+    merged = (slot >= 0) & (group_size[np.maximum(slot, 0)] > 1)
+    image = pixels * 255.0
+    image = np.where((slot < 0)[..., None], image * DIM, image)
+    image = np.where(merged[..., None], image * (1 - TINT) + _palette(len(anchors))[slot] * TINT, image)
+    lines = np.flatnonzero(np.diff(cell_of_pixel)) + 1
+    image[lines, :] = image[:, lines] = 96
+    canvas = Image.fromarray(image.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    step = S / side
+    for s in np.flatnonzero(group_size > 1):  # outline the token each merged group stands at
+        y, x = divmod(int(anchors[s]), side)
+        draw.rectangle([x * step, y * step, (x + 1) * step - 1, (y + 1) * step - 1], outline=(255, 255, 255), width=2)
+    font = ImageFont.load_default(size=max(12, S // 48))
+    draw.rectangle(draw.textbbox((4, 4), title, font=font), fill=(0, 0, 0))
+    draw.text((4, 4), title, fill=(255, 255, 255), font=font)
+    return canvas
+
+
+def draw_pruning(
+    model: FastVLM,
+    image: str | Path,
+    pruner: str,
+    keep_ratio: float,
+    output: str | Path,
+    *,
+    image_size: int | None = None,
+    seed: int = 0,
+    force: bool = False,
+) -> Path:
+    """Run the vision tower and `pruner` on the image file and write the picture to `output` (PNG)."""
+    output = Path(output)
+    if output.exists() and not force:
+        raise UserError(f"{output} already exists; pass --force to replace it or choose another -o path")
+    needs_scores = check(pruner, keep_ratio).needs_scores
+    config = model.config
+    pixels = preprocess(load_image(image), image_size or config.image_size, config.preprocess_mode)
+    tokens, scores = model.encode_image(mx.array(pixels), with_scores=needs_scores)
+    kept = prune(pruner, tokens, keep_ratio, scores=scores, seed=seed)
+    N, k = tokens.shape[1], kept.tokens.shape[1]
+    title = f"{pruner} keep_ratio={keep_ratio}: {k}/{N} tokens"
+    picture = render(pixels[0], np.array(kept.sources[0]), np.array(kept.indices[0]), title)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(output, format="PNG")
+    return output

@@ -1,0 +1,142 @@
+"""Pruning inside the pipeline: MLX and the PyTorch reference prune the same real vision tokens the
+same way, pruned generation through the CLI matches the reference token for token, and the CLI's
+pruning options and prune-viz fail cleanly on bad input."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from fastvlm_mlx.cli import main
+from fastvlm_mlx.load import load_model
+from fastvlm_mlx.preprocess import load_image, preprocess
+from pruners import prune
+from tests.test_cli import assert_clean_error, run_cli
+
+torch = pytest.importorskip("torch")
+PROMPT = "what color is the shape?"
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_hf, tiny_mlx, image_path):
+    model, tokenizer = load_model(tiny_mlx)
+    pixels = preprocess(load_image(image_path), model.config.image_size, model.config.preprocess_mode)
+    return tiny_hf[1], model, tokenizer, pixels
+
+
+def test_attention_scores_match_the_reference(pair):
+    from bench.torch_pipeline import encode_image
+
+    reference, model, _, pixels = pair
+    tokens, scores = model.encode_image(mx.array(pixels), with_scores=True)
+    with torch.no_grad():
+        ref_tokens, ref_scores = encode_image(reference, torch.from_numpy(pixels).permute(0, 3, 1, 2), True)
+    assert scores.shape == (1, 256)
+    assert float(mx.abs(scores.sum() - 1)) < 1e-5  # a distribution over keys
+    np.testing.assert_allclose(np.array(scores), ref_scores.numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(np.array(tokens), ref_tokens.numpy(), atol=1e-4 * float(ref_tokens.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["attention", "visionzip", "divprune", "similarity"])
+def test_same_tokens_kept_on_real_features(pair, name):
+    from bench.torch_pipeline import encode_image
+    from bench.torch_pruners import torch_prune
+
+    reference, model, _, pixels = pair
+    tokens, scores = model.encode_image(mx.array(pixels), with_scores=True)
+    with torch.no_grad():
+        ref_tokens, ref_scores = encode_image(reference, torch.from_numpy(pixels).permute(0, 3, 1, 2), True)
+        ref = torch_prune(name, ref_tokens, 0.25, ref_scores)
+    mine = prune(name, tokens, 0.25, scores=scores)
+    assert np.array_equal(np.array(mine.indices), ref[1].numpy())
+
+
+@pytest.mark.parametrize(("name", "ratio"), [("visionzip", 0.25), ("divprune", 0.5), ("random", 0.125)])
+def test_pruned_generation_matches_reference_through_cli(pair, tiny_mlx, image_path, name, ratio):
+    from bench.torch_pipeline import torch_generate
+
+    reference, model, tokenizer, _ = pair
+    args = ["--model", str(tiny_mlx), "--image", str(image_path), "--prompt", PROMPT, "--max-tokens", "12"]
+    result = CliRunner().invoke(main, ["generate", *args, "--pruner", name, "--keep-ratio", str(ratio), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    k = max(1, round(ratio * 256))
+    assert out["visual_tokens"] == {"before": 256, "after": k}
+    cfg = model.config
+    ref = torch_generate(
+        reference,
+        tokenizer,
+        image_path,
+        PROMPT,
+        image_size=cfg.image_size,
+        mode=cfg.preprocess_mode,
+        max_tokens=12,
+        eos=set(cfg.eos_token_ids),
+        pruner=name,
+        keep_ratio=ratio,
+    )
+    assert ref.visual_tokens_after == k
+    assert len(ref.token_ids) >= 6
+    assert out["token_ids"] == ref.token_ids
+    timings = out["timings"]
+    stages = timings["preprocess_s"] + timings["vision_s"] + timings["prune_s"] + timings["prefill_s"]
+    assert timings["prune_s"] > 0 and timings["ttft_s"] == pytest.approx(stages, rel=1e-6)
+
+
+def test_pruning_changes_the_answer_context(pair, tiny_mlx, image_path):
+    """A pruned run really feeds fewer tokens: the logits it starts from differ from unpruned."""
+    runner = CliRunner()
+    args = ["generate", "--model", str(tiny_mlx), "--image", str(image_path), "--prompt", PROMPT, "--json"]
+    full = json.loads(runner.invoke(main, [*args, "--max-tokens", "12"]).output)
+    tiny = json.loads(
+        runner.invoke(main, [*args, "--max-tokens", "12", "--pruner", "norm", "--keep-ratio", "0.01"]).output
+    )
+    assert tiny["visual_tokens"]["after"] == 3
+    assert full["token_ids"] != tiny["token_ids"]
+
+
+def test_lower_image_size_gives_fewer_tokens(tiny_mlx, image_path):
+    args = ["generate", "--model", str(tiny_mlx), "--image", str(image_path), "--prompt", PROMPT, "--json"]
+    for size, count in ((512, 64), (768, 144)):
+        out = json.loads(CliRunner().invoke(main, [*args, "--max-tokens", "2", "--image-size", str(size)]).output)
+        assert out["visual_tokens"] == {"before": count, "after": count}
+
+
+def generate_with(tiny_mlx, image_path, *extra: str):
+    args = ["--model", str(tiny_mlx), "--image", str(image_path), "--prompt", "hi", "--max-tokens", "2"]
+    return run_cli("generate", *args, *extra)
+
+
+def test_unknown_pruner_is_a_clean_error(tiny_mlx, image_path):
+    assert_clean_error(generate_with(tiny_mlx, image_path, "--pruner", "tome"), "unknown pruner", "divprune", "pool")
+
+
+@pytest.mark.parametrize("ratio", ["0", "1.5", "-1"])
+def test_bad_keep_ratio_is_a_clean_error(tiny_mlx, image_path, ratio):
+    assert_clean_error(generate_with(tiny_mlx, image_path, "--pruner", "norm", "--keep-ratio", ratio), "(0, 1]")
+
+
+def test_keep_ratio_without_pruner_is_a_clean_error(tiny_mlx, image_path):
+    assert_clean_error(generate_with(tiny_mlx, image_path, "--keep-ratio", "0.5"), "--pruner")
+
+
+def test_prune_viz_draws_the_grid_and_keeps_existing_files(pair, tiny_mlx, image_path, tmp_path):
+    out = tmp_path / "viz.png"
+    viz = ["prune-viz", "--model", str(tiny_mlx), "--image", str(image_path), "-o", str(out)]
+    result = run_cli(*viz, "--pruner", "divprune", "--keep-ratio", "0.25")
+    assert result.returncode == 0, result.stderr
+    picture = np.asarray(Image.open(out).convert("RGB"), dtype=np.float32)
+    assert picture.shape == (1024, 1024, 3)
+    _, model, _, pixels = pair
+    kept = np.array(prune("divprune", model.encode_image(mx.array(pixels))[0], 0.25).sources[0]).reshape(16, 16) >= 0
+    brightness = (picture / np.maximum(pixels[0] * 255, 1)).reshape(16, 64, 16, 64, 3)[:, 8:56, :, 8:56]
+    dimmed = brightness.mean(axis=(1, 3, 4)) < 0.5
+    assert kept.sum() == 64
+    assert np.array_equal(dimmed[1:], ~kept[1:])  # dropped tokens dimmed, kept ones clear (row 0 has the title)
+    before = out.read_bytes()
+    assert_clean_error(run_cli(*viz, "--pruner", "pool", "--keep-ratio", "0.5"), "already exists", "--force")
+    assert out.read_bytes() == before
+    assert_clean_error(run_cli(*viz, "--pruner", "nope", "--force"), "unknown pruner")
