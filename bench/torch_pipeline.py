@@ -71,6 +71,8 @@ def torch_generate(
     """Greedy generation with transformers' FastVlmForConditionalGeneration, timed per stage."""
     device, dtype = model.device, model.dtype
     needs_scores = pruner is not None and check(pruner, keep_ratio).needs_scores
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     pixels = torch.from_numpy(preprocess(load_image(image), image_size, mode)).permute(0, 3, 1, 2)
     pixels = pixels.to(device=device, dtype=dtype)
@@ -86,10 +88,12 @@ def torch_generate(
     ids = [torch.tensor([x], device=device) for x in (ids_before, ids_after)]
     embeds = torch.cat([embed(ids[0]), model.model.multi_modal_projector(kept), embed(ids[1])], dim=1)
     out = model.model.language_model(inputs_embeds=embeds, use_cache=True)
-    token = model.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
+    logits = model.lm_head(out.last_hidden_state[:, -1])
+    token = logits.argmax(-1)
     cache = out.cache
     token_ids = [int(token)]
     t_first = _sync(device)
+    first_logprobs = logits[0].float().log_softmax(-1).cpu().numpy()
     while len(token_ids) < max_tokens and token_ids[-1] not in eos:
         out = model.model.language_model(inputs_embeds=embed(token[:, None]), cache=cache, use_cache=True)
         cache = out.cache
@@ -105,5 +109,15 @@ def torch_generate(
         visual_tokens_before=vision.shape[1],
         visual_tokens_after=kept.shape[1],
         timings=timings,
-        peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
+        peak_memory_gb=peak_memory_gb(device),
+        first_logprobs=first_logprobs,
     )
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    """Peak allocated memory on CUDA, current driver allocation on MPS; None on CPU (not measured)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 1e9
+    return None

@@ -166,5 +166,100 @@ def prune_viz(model_dir, image, pruner, keep_ratio, image_size, seed, output, fo
     click.echo(f"wrote {written}", err=True)
 
 
+def _split(text: str, kind=str) -> list:
+    try:
+        return [kind(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of {kind.__name__} values") from None
+
+
+@main.group(invoke_without_command=True)
+@click.option("--model", "model_dir", type=click.Path(), help="Converted MLX model directory.")
+@click.option("--reference", type=click.Path(), help="The transformers or Apple checkpoint MODEL came from.")
+@click.option(
+    "--synthetic", type=click.Choice(["0.5b", "1.5b", "7b"]), help="Random weights at a real size, both sides."
+)
+@click.option("--image", "images", multiple=True, type=click.Path(), help="Image file or folder (repeatable).")
+@click.option("--prompt", "prompts", multiple=True, help="Prompt (repeatable).")
+@click.option("--dataset", help="easy-vqa[:N] or a JSON list of {image, question, answer}: adds answer accuracy.")
+@click.option("--pruners", default="all", show_default=True, help="Comma-separated pruner names, or all, or none.")
+@click.option("--keep-ratios", default="0.5,0.25", show_default=True, help="Comma-separated keep ratios in (0, 1].")
+@click.option("--image-sizes", default="", help="Extra unpruned input sizes, e.g. 768,512.")
+@click.option("--runs", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0))
+@click.option("--max-tokens", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--frameworks", default="mlx,torch", show_default=True, help="mlx, torch or both.")
+@click.option("--torch-device", default="auto", show_default=True, type=click.Choice(["auto", "mps", "cuda", "cpu"]))
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("--out", "out_dir", default="bench-results", show_default=True, type=click.Path(), help="Output folder.")
+@click.pass_context
+@_fail_cleanly
+def bench(ctx, model_dir, reference, synthetic, images, prompts, dataset, pruners, keep_ratios, image_sizes, **rest):
+    """MLX vs the PyTorch reference, interleaved: per-stage timings, memory and quality; JSON, CSV, plots."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from pathlib import Path
+
+    from bench.report import draw_plots, format_table, write_results
+    from bench.sweep import run_bench
+    from pruners import PRUNERS
+
+    names = {"all": sorted(PRUNERS), "none": []}.get(pruners, None)
+    names = _split(pruners) if names is None else names
+    out_dir = Path(rest.pop("out_dir"))
+    results = run_bench(
+        model_dir=model_dir,
+        reference=reference,
+        synthetic=synthetic,
+        images=list(images),
+        prompts=list(prompts),
+        dataset=dataset,
+        pruners=names,
+        keep_ratios=_split(keep_ratios, float),
+        image_sizes=_split(image_sizes, int),
+        frameworks=_split(rest.pop("frameworks")),
+        workdir=out_dir,
+        **rest,
+    )
+    name = _free_name(out_dir, f"bench-{synthetic or Path(model_dir).name}")
+    json_path, csv_path = write_results(results, out_dir, name)
+    click.echo(format_table(results["summary"]))
+    for path in (json_path, csv_path, *draw_plots(results, out_dir, name)):
+        click.echo(f"wrote {path}")
+
+
+def _free_name(out_dir, stem: str) -> str:
+    """`stem`, or `stem-2`, `stem-3`... so earlier results are never overwritten."""
+    name, n = stem, 1
+    while (out_dir / f"{name}.json").exists():
+        n += 1
+        name = f"{stem}-{n}"
+    return name
+
+
+@bench.command("plot")
+@click.argument("results", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--out", "out_dir", default=None, type=click.Path(), help="Folder for the PNGs (default: beside RESULTS)."
+)
+@_fail_cleanly
+def bench_plot(results, out_dir) -> None:
+    """Redraw the plots of a bench RESULTS.json."""
+    import json
+    from pathlib import Path
+
+    from bench.report import draw_plots, format_table
+
+    path = Path(results)
+    try:
+        data = json.loads(path.read_text())
+        table = format_table(data["summary"])
+    except (ValueError, KeyError, TypeError):
+        raise click.ClickException(f"{path} is not a fastvlm-mlx bench results file") from None
+    click.echo(table)
+    for png in draw_plots(data, Path(out_dir) if out_dir else path.parent, path.stem):
+        click.echo(f"wrote {png}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

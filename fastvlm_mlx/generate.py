@@ -2,10 +2,11 @@
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 
@@ -46,6 +47,8 @@ class GenerationResult:
     visual_tokens_after: int
     timings: Timings
     peak_memory_gb: float | None  # None where the framework cannot measure it (torch on CPU)
+    # First token's log-probabilities over the vocabulary, (V,) numpy, for quality metrics.
+    first_logprobs: object = field(default=None, repr=False)
 
 
 def _now(*arrays: mx.array) -> float:
@@ -111,11 +114,12 @@ def generate(
     eos = set(tokenizer.eos_token_ids) | set(config.eos_token_ids)
     token_ids: list[int] = []
     text = ""
-    generated, t_first, t_last = 0, None, None
-    for token, _ in steps:
+    generated, t_first, t_last, first_logprobs = 0, None, None, None
+    for token, logprobs in steps:
         token = int(token)
         t_last = time.perf_counter()
         t_first = t_first or t_last
+        first_logprobs = logprobs if first_logprobs is None else first_logprobs
         generated += 1
         if token in eos:
             break
@@ -132,6 +136,7 @@ def generate(
         visual_tokens_after=kept.tokens.shape[1],
         timings=timings,
         peak_memory_gb=mx.get_peak_memory() / 1e9,
+        first_logprobs=np.array(first_logprobs.astype(mx.float32)),
     )
 
 

@@ -1,0 +1,271 @@
+"""`fastvlm-mlx bench`: MLX and the PyTorch reference, side by side, interleaved, speed and quality.
+
+Every configuration (image size x pruner x keep ratio) runs on both frameworks with the same
+pixels, prompt, visual-token count and dtype. Rounds visit every configuration, and within a
+round MLX and PyTorch alternate which goes first, so machine drift hits both. TTFT is always
+image file in -> first token out; decode speed is per token, never a whole-generation time.
+"""
+
+import os
+import platform
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import mlx.core as mx
+import numpy as np
+
+from bench.quality import answer_correct, compare_runs
+from fastvlm_mlx import BLAS, __version__
+from fastvlm_mlx.errors import UserError
+from fastvlm_mlx.generate import generate
+from fastvlm_mlx.load import load_model
+from pruners import check
+
+FRAMEWORKS = ("mlx", "torch")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+STAGES = ("preprocess_s", "vision_s", "prune_s", "prefill_s", "ttft_s", "decode_tokens_per_s")
+MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+DEFAULT_PROMPT = "Describe the image."
+
+
+@dataclass(frozen=True)
+class Setting:
+    pruner: str | None
+    keep_ratio: float
+    image_size: int
+
+    @property
+    def label(self) -> str:
+        method = f"{self.pruner} {self.keep_ratio:g}" if self.pruner else "baseline"
+        return f"{method} @{self.image_size}"
+
+
+@dataclass(frozen=True)
+class Item:
+    image: str
+    prompt: str
+    answer: str | None = None
+
+
+def make_settings(
+    pruners: list[str], keep_ratios: list[float], image_sizes: list[int], default_size: int
+) -> list[Setting]:
+    """Unpruned runs at every image size; every pruner at every keep ratio below 1 at the model's size."""
+    for name in pruners:
+        for ratio in keep_ratios:
+            check(name, ratio)
+    sizes = list(dict.fromkeys([default_size, *image_sizes]))
+    settings = [Setting(None, 1.0, size) for size in sizes]
+    pruned = [Setting(name, r, default_size) for name in pruners for r in keep_ratios if r < 1]
+    return settings + pruned
+
+
+def load_items(images: list[str], prompts: list[str], dataset: str | None) -> list[Item]:
+    """Images (files or folders) x prompts, or questions with answers from a dataset."""
+    if dataset:
+        return dataset_items(dataset)
+    files = []
+    for entry in map(Path, images):
+        if entry.is_dir():
+            files += sorted(p for p in entry.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif entry.is_file():
+            files.append(entry)
+        else:
+            raise UserError(f"image not found: {entry} (give image files or folders)")
+    if not files:
+        raise UserError("no images to benchmark; pass --image FILE_OR_FOLDER, --dataset or --synthetic")
+    return [Item(str(f), p) for f in files for p in prompts]
+
+
+def dataset_items(spec: str) -> list[Item]:
+    """`easy-vqa[:N]` (first N test questions) or a JSON list of {image, question, answer}."""
+    import json
+
+    name, _, count = spec.partition(":")
+    limit = int(count) if count.isdigit() else None
+    if name == "easy-vqa":
+        try:
+            import easy_vqa
+        except ImportError:
+            raise UserError("--dataset easy-vqa needs the easy-vqa package: pip install easy-vqa") from None
+        questions, answers, image_ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+        items = [Item(paths[i], q, a) for q, a, i in zip(questions, answers, image_ids, strict=True)]
+    elif Path(name).is_file():
+        base = Path(name).parent
+        rows = json.loads(Path(name).read_text())
+        items = [Item(str(base / r["image"]), r["question"], str(r["answer"])) for r in rows]
+    else:
+        raise UserError(f"unknown dataset {spec!r}; use easy-vqa[:N] or a JSON list of image/question/answer")
+    return items[:limit]
+
+
+def environment(torch_device) -> dict:
+    env = {
+        "fastvlm_mlx": __version__,
+        "mlx": mx.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "mlx_device": str(mx.default_device()),
+        "blas": BLAS,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+    }
+    if torch_device is not None:
+        import torch
+        import transformers
+
+        env.update(torch=torch.__version__, transformers=transformers.__version__)
+        env.update(torch_device=str(torch_device), torch_threads=torch.get_num_threads())
+    return env
+
+
+def stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarize(settings: list[Setting], runs: list[dict], quality: dict, frameworks: list[str]) -> list[dict]:
+    """One row per (framework, setting): stage statistics, memory, quality means, MLX/torch ratio."""
+    rows = []
+    for s_index, setting in enumerate(settings):
+        for fw in frameworks:
+            mine = [r for r in runs if r["framework"] == fw and r["setting"] == s_index]
+            row = {"framework": fw, **asdict(setting), "label": setting.label}
+            row["visual_tokens"] = mine[0]["visual_tokens_after"]
+            row.update({stage: stats([r["timings"][stage] for r in mine]) for stage in STAGES})
+            memory = [r["peak_memory_gb"] for r in mine if r["peak_memory_gb"] is not None]
+            row["peak_memory_gb"] = max(memory) if memory else None
+            scores = quality.get((fw, s_index), [])
+            for metric in ("exact_match", "token_agreement", "top1_agreement", "kl_first_token"):
+                row[metric] = statistics.fmean(q[metric] for q in scores) if scores else None
+            graded = [r["correct"] for r in mine if r["correct"] is not None]
+            row["accuracy"] = statistics.fmean(graded) if graded else None
+            rows.append(row)
+        if set(frameworks) == set(FRAMEWORKS):
+            pairs = _pairs(runs, s_index)
+            ratio = stats([m["timings"]["ttft_s"] / t["timings"]["ttft_s"] for m, t in pairs])
+            for row in rows[-len(frameworks) :]:
+                row["ttft_ratio_mlx_over_torch"] = ratio
+    return rows
+
+
+def _pairs(runs: list[dict], s_index: int) -> list[tuple[dict, dict]]:
+    """(MLX run, torch run) of the same setting, item and round."""
+    by_key = {(r["framework"], r["item"], r["round"]): r for r in runs if r["setting"] == s_index}
+    return [(r, by_key[("torch", i, n)]) for (fw, i, n), r in by_key.items() if fw == "mlx"]
+
+
+def quality_scores(records: list[dict], first_logprobs: dict) -> dict:
+    """{(framework, setting): [per-item metrics]} against setting 0 (unpruned at the model's size)."""
+    first_round = min(r["round"] for r in records)
+    runs = {(r["framework"], r["setting"], r["item"]): r for r in records if r["round"] == first_round}
+    scores = {}
+    for (fw, s_index, i_index), run in runs.items():
+        base = runs[(fw, 0, i_index)]
+        pair = [dict(r, first_logprobs=first_logprobs[(fw, s, i_index)]) for r, s in ((run, s_index), (base, 0))]
+        scores.setdefault((fw, s_index), []).append(compare_runs(*pair))
+    return scores
+
+
+def run_bench(
+    *,
+    model_dir: str | None,
+    reference: str | None,
+    synthetic: str | None,
+    images: list[str],
+    prompts: list[str],
+    dataset: str | None,
+    pruners: list[str],
+    keep_ratios: list[float],
+    image_sizes: list[int],
+    runs: int,
+    warmup: int,
+    max_tokens: int,
+    frameworks: list[str],
+    torch_device: str,
+    dtype: str,
+    workdir: Path,
+) -> dict:
+    """Run the sweep and return the results (every run, summary rows, environment)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    unknown = set(frameworks) - set(FRAMEWORKS)
+    if unknown or not frameworks:
+        raise UserError(f"unknown framework(s) {sorted(unknown)}; choose from mlx, torch")
+    if synthetic:
+        from bench.reference import SYNTHETIC_PROMPT, noise_image, synthetic_checkpoint
+
+        reference, model_dir = map(str, synthetic_checkpoint(synthetic, workdir))
+        images = images or [str(noise_image(workdir / "bench-image.png"))]
+        prompts = prompts or [SYNTHETIC_PROMPT]
+    if model_dir is None:
+        raise UserError("pass --model DIR (a converted MLX model) or --synthetic 0.5b|1.5b|7b")
+    if "torch" in frameworks and reference is None:
+        raise UserError("--frameworks torch needs --reference SRC (the checkpoint the MLX model came from)")
+    items = load_items(images, prompts or [DEFAULT_PROMPT], dataset)
+    model, tokenizer = load_model(model_dir)
+    model.set_dtype(MX_DTYPES[dtype])
+    settings = make_settings(pruners, keep_ratios, image_sizes, model.config.image_size)
+
+    device, ref_model = None, None
+    if "torch" in frameworks:
+        from bench.reference import load_reference, pick_device
+
+        device = pick_device(torch_device)
+        ref_model = load_reference(reference, device, dtype, vocab_size=model.config.text["vocab_size"])
+    eos = set(model.config.eos_token_ids)
+
+    def run_once(fw: str, setting: Setting, item: Item):
+        options = dict(max_tokens=max_tokens, pruner=setting.pruner, keep_ratio=setting.keep_ratio)
+        if fw == "mlx":
+            return generate(model, tokenizer, item.image, item.prompt, image_size=setting.image_size, **options)
+        from bench.torch_pipeline import torch_generate
+
+        size, mode = setting.image_size, model.config.preprocess_mode
+        return torch_generate(
+            ref_model, tokenizer, item.image, item.prompt, image_size=size, mode=mode, eos=eos, **options
+        )
+
+    records, first_logprobs = [], {}
+    total = (warmup + runs) * len(settings) * len(items) * len(frameworks)
+    with click.progressbar(length=total, label="bench", file=sys.stderr) as bar:
+        for round_ in range(warmup + runs):
+            order = frameworks if round_ % 2 == 0 else frameworks[::-1]
+            for s_index, setting in enumerate(settings):
+                for i_index, item in enumerate(items):
+                    for fw in order:
+                        result = run_once(fw, setting, item)
+                        bar.update(1)
+                        if round_ < warmup:
+                            continue
+                        record = asdict(result)
+                        first_logprobs.setdefault((fw, s_index, i_index), record.pop("first_logprobs"))
+                        record.pop("first_logprobs", None)
+                        correct = None if item.answer is None else answer_correct(result.text, item.answer)
+                        records.append(
+                            dict(record, framework=fw, setting=s_index, item=i_index, round=round_, correct=correct)
+                        )
+
+    quality = quality_scores(records, first_logprobs)
+    return {
+        "config": dict(
+            model=model_dir,
+            reference=reference,
+            synthetic=synthetic,
+            dataset=dataset,
+            runs=runs,
+            warmup=warmup,
+            max_tokens=max_tokens,
+            frameworks=frameworks,
+            dtype=dtype,
+            image_size=model.config.image_size,
+        ),
+        "environment": environment(device),
+        "settings": [dict(asdict(s), label=s.label) for s in settings],
+        "items": [asdict(i) for i in items],
+        "summary": summarize(settings, records, quality, frameworks),
+        "runs": records,
+    }
