@@ -220,8 +220,9 @@ def run_bench(
 
     def run_once(fw: str, setting: Setting, item: Item):
         options = dict(max_tokens=max_tokens, pruner=setting.pruner, keep_ratio=setting.keep_ratio)
-        if fw == "mlx":
-            return generate(model, tokenizer, item.image, item.prompt, image_size=setting.image_size, **options)
+        if fw == "mlx":  # "none": unpruned even when the model was converted with a default pruner
+            mlx_options = dict(options, pruner=setting.pruner or "none")
+            return generate(model, tokenizer, item.image, item.prompt, image_size=setting.image_size, **mlx_options)
         from bench.torch_pipeline import torch_generate
 
         size, mode = setting.image_size, model.config.preprocess_mode

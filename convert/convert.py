@@ -11,12 +11,15 @@ import warnings
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from convert import keymap
 from fastvlm_mlx.config import FastVLMConfig, VisionConfig
 from fastvlm_mlx.errors import UserError
 from fastvlm_mlx.load import WEIGHTS_FILE, check_weights, read_tokenizer
 from fastvlm_mlx.model import FastVLM
+from fastvlm_mlx.quantize import BITS, GROUP_SIZES, quantize_model
+from pruners import check
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 TOKENIZER_FILES = (
@@ -239,11 +242,29 @@ def build(src: Path, dtype: str) -> tuple[FastVLMConfig, dict[str, mx.array]]:
     return config, {k: v.astype(cast) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in mapped.items()}
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "float32", force: bool = False) -> Path:
-    """Convert SRC to an MLX model directory OUT; OUT is replaced only with force=True."""
+def convert(
+    src: str | Path,
+    out: str | Path,
+    dtype: str = "float32",
+    force: bool = False,
+    quantize: int | None = None,
+    group_size: int = 64,
+    quantize_projector: bool = False,
+    pruner: str | None = None,
+    keep_ratio: float = 1.0,
+) -> Path:
+    """Convert SRC to an MLX model directory OUT; OUT is replaced only with force=True.
+
+    `quantize` (4 or 8 bits) quantizes the LLM (and the projector if asked); `pruner` and
+    `keep_ratio` become the model's default visual-token pruning.
+    """
     src, out = Path(src), Path(out)
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if quantize is not None and (quantize not in BITS or group_size not in GROUP_SIZES):
+        raise UserError(f"--quantize takes {BITS} bits and --group-size {GROUP_SIZES}; got {quantize}, {group_size}")
+    if pruner is not None:
+        check(pruner, keep_ratio)
     if not src.is_dir():
         raise UserError(f"checkpoint directory not found: {src}")
     if out.exists() and not force:
@@ -251,8 +272,22 @@ def convert(src: str | Path, out: str | Path, dtype: str = "float32", force: boo
     if not any((src / f).is_file() for f in TOKENIZER_FILES[:4]):
         raise UserError(f"{src} has no tokenizer files (tokenizer.json or vocab.json); copy them next to the weights")
     config, weights = build(src, dtype)
+    config.pruner, config.keep_ratio = pruner, keep_ratio if pruner else 1.0
+    if quantize is not None:
+        config.quantization = dict(bits=quantize, group_size=group_size, projector=quantize_projector)
+        weights = quantized_weights(config, weights)
     write_atomically(out, config, weights, src)
     return out
+
+
+def quantized_weights(config: FastVLMConfig, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    model = FastVLM(config)
+    model.load_weights(list(weights.items()))
+    quantize_model(model, config.quantization)
+    quantized = dict(tree_flatten(model.parameters()))
+    if not any(k.endswith(".scales") for k in quantized):
+        raise UserError(f"no LLM layer's input size is a multiple of group size {config.quantization['group_size']}")
+    return quantized
 
 
 def write_atomically(out: Path, config: FastVLMConfig, weights: dict[str, mx.array], src: Path) -> None:

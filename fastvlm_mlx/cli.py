@@ -60,22 +60,21 @@ IMAGE_SIZE = click.option(
     type=click.IntRange(min=64),
     help="Input resolution instead of the model's (768 -> 144 visual tokens, 512 -> 64).",
 )
-PRUNER = click.option("--pruner", default=None, help="Visual-token pruner (norm, attention, divprune, ...).")
-KEEP_RATIO = click.option(
-    "--keep-ratio", default=1.0, show_default=True, type=float, help="Share of visual tokens to keep, in (0, 1]."
+PRUNER = click.option(
+    "--pruner", default=None, help="Visual-token pruner (norm, attention, divprune, ...); none = keep all tokens."
 )
+KEEP_RATIO = click.option("--keep-ratio", default=None, type=float, help="Share of visual tokens to keep, in (0, 1].")
 
 
-def _check_inputs(image: str, pruner: str | None, keep_ratio: float) -> None:
+def _check_inputs(image: str, pruner: str | None, keep_ratio: float | None) -> None:
     """Fail on a bad image, pruner or ratio before spending seconds loading the model."""
-    from fastvlm_mlx.errors import UserError
     from fastvlm_mlx.preprocess import load_image
-    from pruners import check
+    from pruners import check, keep_count
 
-    if pruner is None and keep_ratio != 1.0:
-        raise UserError("--keep-ratio needs a pruner: add --pruner NAME (e.g. --pruner divprune)")
-    if pruner is not None:
-        check(pruner, keep_ratio)
+    if keep_ratio is not None:
+        keep_count(1, keep_ratio)
+    if pruner not in (None, "none"):
+        check(pruner, 1.0 if keep_ratio is None else keep_ratio)
     load_image(image)
 
 
@@ -137,18 +136,36 @@ def generate(
 @click.argument("out", type=click.Path())
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]))
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the LLM to 4 or 8 bits.")
+@click.option("--group-size", default="64", show_default=True, type=click.Choice(["32", "64", "128"]))
+@click.option("--quantize-projector", is_flag=True, help="Quantize the projector too (vision stays float).")
+@click.option("--pruner", default=None, help="Default visual-token pruner of the converted model.")
+@click.option("--keep-ratio", default=1.0, show_default=True, type=float, help="Its keep ratio, in (0, 1].")
 @_fail_cleanly
-def convert(src, out, dtype, force) -> None:
+def convert(src, out, dtype, force, quantize, group_size, quantize_projector, pruner, keep_ratio) -> None:
     """Convert a FastVLM checkpoint (Apple llava_qwen2 or transformers fast_vlm) SRC to MLX in OUT."""
     from convert.convert import convert as run
 
-    click.echo(f"converted {src} -> {run(src, out, dtype=dtype, force=force)}", err=True)
+    if pruner is None and keep_ratio != 1.0:
+        raise click.ClickException("--keep-ratio needs a pruner: add --pruner NAME (e.g. --pruner divprune)")
+    written = run(
+        src,
+        out,
+        dtype=dtype,
+        force=force,
+        quantize=int(quantize) if quantize else None,
+        group_size=int(group_size),
+        quantize_projector=quantize_projector,
+        pruner=pruner,
+        keep_ratio=keep_ratio,
+    )
+    click.echo(f"converted {src} -> {written}", err=True)
 
 
 @main.command("prune-viz")
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="Converted MLX model directory.")
 @click.option("--image", required=True, type=click.Path(), help="Image file (any format PIL reads).")
-@click.option("--pruner", required=True, help="Visual-token pruner (norm, attention, divprune, ...).")
+@click.option("--pruner", default=None, help="Visual-token pruner (default: the model's own, from convert).")
 @KEEP_RATIO
 @IMAGE_SIZE
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for the random pruner.")

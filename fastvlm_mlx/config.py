@@ -47,6 +47,9 @@ class FastVLMConfig:
     image_token_id: int = 151646
     eos_token_ids: tuple[int, ...] = (151645,)
     source_layout: str = "fast_vlm"
+    quantization: dict[str, Any] | None = None  # {"bits", "group_size", "projector"}; vision stays float
+    pruner: str | None = None  # applied by default when generating; None = keep every visual token
+    keep_ratio: float = 1.0
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "FastVLMConfig":

@@ -10,6 +10,7 @@ import numpy as np
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 
+from fastvlm_mlx.errors import UserError
 from fastvlm_mlx.model import FastVLM
 from fastvlm_mlx.preprocess import load_image, preprocess
 from fastvlm_mlx.prompt import tokenize_prompt
@@ -77,16 +78,18 @@ def generate(
     top_p: float = 1.0,
     image_size: int | None = None,
     pruner: str | None = None,
-    keep_ratio: float = 1.0,
+    keep_ratio: float | None = None,
     seed: int | None = None,
     on_text: Callable[[str], None] | None = None,
 ) -> GenerationResult:
     """Answer `prompt` about the image file; `on_text` receives text as it is decoded.
 
-    With `pruner`, the vision tokens are cut to `keep_ratio` before the projector; `seed`
-    seeds sampling and the `random` pruner (0 when not given).
+    The vision tokens are cut to `keep_ratio` by `pruner` before the projector: None uses the
+    model's default from conversion, "none" keeps every token. `seed` seeds sampling and the
+    `random` pruner (0 when not given).
     """
     config = model.config
+    pruner, keep_ratio = resolve_pruning(config, pruner, keep_ratio)
     needs_scores = pruner is not None and check(pruner, keep_ratio).needs_scores
     if seed is not None:
         mx.random.seed(seed)
@@ -138,6 +141,18 @@ def generate(
         peak_memory_gb=mx.get_peak_memory() / 1e9,
         first_logprobs=np.array(first_logprobs.astype(mx.float32)),
     )
+
+
+def resolve_pruning(config, pruner: str | None, keep_ratio: float | None) -> tuple[str | None, float]:
+    """(pruner, keep ratio) to run: explicit choices win over the model's converted default."""
+    if pruner == "none":
+        return None, 1.0
+    if pruner is None and config.pruner is None:
+        if keep_ratio not in (None, 1.0):
+            raise UserError("--keep-ratio needs a pruner: add --pruner NAME (e.g. --pruner divprune)")
+        return None, 1.0
+    ratio = keep_ratio if keep_ratio is not None else config.keep_ratio if config.pruner else 1.0
+    return pruner or config.pruner, ratio
 
 
 def prune_tokens(tokens: mx.array, scores: mx.array | None, pruner: str | None, keep_ratio: float, seed: int) -> Pruned:

@@ -11,6 +11,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from fastvlm_mlx.config import FastVLMConfig
 from fastvlm_mlx.errors import UserError
 from fastvlm_mlx.model import FastVLM
+from fastvlm_mlx.quantize import quantize_model
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -53,6 +54,8 @@ def load_model(model_dir: str | Path) -> tuple[FastVLM, TokenizerWrapper]:
     if not weights_path.is_file():
         raise UserError(f"{model_dir} has no {WEIGHTS_FILE}; re-run `fastvlm-mlx convert` to write it")
     model = FastVLM(config)
+    if config.quantization:
+        quantize_model(model, config.quantization)
     weights = mx.load(str(weights_path))
     check_weights(model, weights, str(weights_path))
     model.load_weights(list(weights.items()))

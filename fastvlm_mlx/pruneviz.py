@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from fastvlm_mlx.errors import UserError
+from fastvlm_mlx.generate import resolve_pruning
 from fastvlm_mlx.model import FastVLM
 from fastvlm_mlx.preprocess import load_image, preprocess
 from pruners import check, prune
@@ -50,8 +51,8 @@ def render(pixels: np.ndarray, sources: np.ndarray, anchors: np.ndarray, title: 
 def draw_pruning(
     model: FastVLM,
     image: str | Path,
-    pruner: str,
-    keep_ratio: float,
+    pruner: str | None,
+    keep_ratio: float | None,
     output: str | Path,
     *,
     image_size: int | None = None,
@@ -62,8 +63,11 @@ def draw_pruning(
     output = Path(output)
     if output.exists() and not force:
         raise UserError(f"{output} already exists; pass --force to replace it or choose another -o path")
-    needs_scores = check(pruner, keep_ratio).needs_scores
     config = model.config
+    pruner, keep_ratio = resolve_pruning(config, pruner, keep_ratio)
+    if pruner is None:
+        raise UserError("prune-viz needs a pruner: add --pruner NAME --keep-ratio R (e.g. divprune 0.25)")
+    needs_scores = check(pruner, keep_ratio).needs_scores
     pixels = preprocess(load_image(image), image_size or config.image_size, config.preprocess_mode)
     tokens, scores = model.encode_image(mx.array(pixels), with_scores=needs_scores)
     kept = prune(pruner, tokens, keep_ratio, scores=scores, seed=seed)
