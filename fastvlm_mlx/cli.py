@@ -162,6 +162,18 @@ def convert(src, out, dtype, force, quantize, group_size, quantize_projector, pr
     click.echo(f"converted {src} -> {written}", err=True)
 
 
+@main.command()
+@click.argument("model_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_fail_cleanly
+def info(model_dir, as_json) -> None:
+    """Facts of a converted model: sizes, dtype, quantization, pruning, visual tokens."""
+    from fastvlm_mlx.info import format_info, model_info
+
+    facts = model_info(model_dir)
+    click.echo(json.dumps(facts, indent=2) if as_json else format_info(facts))
+
+
 @main.command("prune-viz")
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="Converted MLX model directory.")
 @click.option("--image", required=True, type=click.Path(), help="Image file (any format PIL reads).")
