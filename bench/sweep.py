@@ -212,7 +212,8 @@ def run_bench(
 
     device, ref_model = None, None
     if "torch" in frameworks:
-        from bench.reference import load_reference, pick_device
+        from bench.reference import pick_device
+        from convert.torch_model import load_reference
 
         device = pick_device(torch_device)
         ref_model = load_reference(reference, device, dtype, vocab_size=model.config.text["vocab_size"])

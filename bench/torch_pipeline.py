@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from bench.torch_pruners import torch_prune
+from convert.torch_model import attention_received, last_attention
 from fastvlm_mlx.generate import GenerationResult, Timings
 from fastvlm_mlx.preprocess import load_image, preprocess
 from fastvlm_mlx.prompt import tokenize_prompt
@@ -22,20 +23,6 @@ def _sync(device: torch.device) -> float:
     elif device.type == "mps":
         torch.mps.synchronize()
     return time.perf_counter()
-
-
-def last_attention(model) -> torch.nn.Module:
-    """The vision tower's last attention token mixer (timm fastvit `Attention`)."""
-    return [m for m in model.model.vision_tower.modules() if type(m).__name__ == "Attention"][-1]
-
-
-def attention_received(attention: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(B, N): attention each token receives in `attention` for its input x (B, C, H, W),
-    averaged over heads and queries (explicit softmax, as the MLX tower's scored block)."""
-    B, C, H, W = x.shape
-    qkv = attention.qkv(x.flatten(2).transpose(1, 2)).reshape(B, H * W, 3, attention.num_heads, -1)
-    q, k, _ = qkv.permute(2, 0, 3, 1, 4)
-    return ((q * attention.scale) @ k.transpose(-1, -2)).softmax(-1).mean(dim=(1, 2))
 
 
 def encode_image(model, pixels: torch.Tensor, with_scores: bool):

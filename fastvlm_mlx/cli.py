@@ -174,6 +174,26 @@ def info(model_dir, as_json) -> None:
     click.echo(json.dumps(facts, indent=2) if as_json else format_info(facts))
 
 
+@main.command("export-coreml")
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--pruner", default=None, help="Score-based pruner baked into the graph: norm, attention or random.")
+@click.option("--keep-ratio", default=1.0, show_default=True, type=float, help="Its keep ratio, in (0, 1].")
+@IMAGE_SIZE
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random pruner.")
+@click.option("--precision", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@_fail_cleanly
+def export_coreml(src, out, pruner, keep_ratio, image_size, seed, precision, force) -> None:
+    """Export SRC's vision encoder (PyTorch reference) to a Core ML package OUT.mlpackage."""
+    from convert.coreml import export_coreml as run
+
+    if pruner is None and keep_ratio != 1.0:
+        raise click.ClickException("--keep-ratio needs a pruner: add --pruner norm|attention|random")
+    options = dict(image_size=image_size, seed=seed, precision=precision, force=force)
+    click.echo(f"wrote {run(src, out, pruner=pruner, keep_ratio=keep_ratio, **options)}", err=True)
+
+
 @main.command("prune-viz")
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="Converted MLX model directory.")
 @click.option("--image", required=True, type=click.Path(), help="Image file (any format PIL reads).")
