@@ -12,6 +12,7 @@ import torch
 
 from convert.convert import TEXT_FIELDS
 from convert.keymap import hf_to_original
+from convert.torch_model import fastvlm_config
 from fastvlm_mlx.config import VisionConfig
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>")
@@ -94,29 +95,10 @@ def randomize_vision_(tower: torch.nn.Module, seed: int = 0) -> None:
 
 def build_reference(vision_args: dict, text_args: dict, image_token_id: int, seed: int = 0, text_init: float = 0.02):
     """A random transformers FastVlmForConditionalGeneration (timm fastvit_mci3 + Qwen2), eval mode."""
-    from transformers import FastVlmConfig, FastVlmForConditionalGeneration
+    from transformers import FastVlmForConditionalGeneration
 
-    vision = VisionConfig.from_dict({**vision_args})
-    config = FastVlmConfig(
-        vision_config=dict(
-            model_type="timm_wrapper",
-            architecture="fastvit_mci3",
-            hidden_size=vision.num_features,
-            do_pooling=False,
-            model_args=dict(inference_mode=True, **vision_args),
-        ),
-        text_config=dict(
-            model_type="qwen2",
-            rms_norm_eps=1e-6,
-            rope_theta=1e6,
-            max_position_embeddings=32768,
-            initializer_range=text_init,
-            eos_token_id=None,
-            **text_args,
-        ),
-        image_token_index=image_token_id,
-        tie_word_embeddings=text_args.get("tie_word_embeddings", True),
-    )
+    text = dict(text_args, initializer_range=text_init)
+    config = fastvlm_config(vision_args, text, image_token_id, text_args.get("tie_word_embeddings", True))
     torch.manual_seed(seed)
     model = FastVlmForConditionalGeneration(config).eval()
     randomize_vision_(model.model.vision_tower, seed)

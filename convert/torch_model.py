@@ -10,6 +10,7 @@ import torch
 
 from convert import keymap
 from convert.convert import vision_config
+from fastvlm_mlx.config import VisionConfig
 from fastvlm_mlx.errors import UserError
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -37,10 +38,30 @@ def load_reference(src: str | Path, device: torch.device, dtype: str, vocab_size
     return model.to(device=device, dtype=TORCH_DTYPES[dtype]).eval()
 
 
+def fastvlm_config(vision_args: dict, text_args: dict, image_token_id: int, tied: bool):
+    """transformers FastVlmConfig: timm `fastvit_mci3` (with `vision_args` overrides) and a Qwen2 LLM."""
+    from transformers import FastVlmConfig
+
+    vision = VisionConfig.from_dict(vision_args)
+    text_defaults = dict(rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768, eos_token_id=None)
+    return FastVlmConfig(
+        vision_config=dict(
+            model_type="timm_wrapper",
+            architecture="fastvit_mci3",
+            hidden_size=vision.num_features,
+            do_pooling=False,
+            model_args=dict(inference_mode=True, **vision_args),
+        ),
+        text_config=dict(model_type="qwen2", **{**text_defaults, **text_args}),
+        image_token_index=image_token_id,
+        tie_word_embeddings=tied,
+    )
+
+
 def _from_original(src: Path, raw: dict):
     """Apple's layout through the converter's key map into a transformers model (strict load)."""
     from safetensors.torch import load_file
-    from transformers import FastVlmConfig, FastVlmForConditionalGeneration
+    from transformers import FastVlmForConditionalGeneration
 
     vision = vision_config("fastvit_mci3", {})
     weights = {}
@@ -53,26 +74,14 @@ def _from_original(src: Path, raw: dict):
     if tied:
         weights.pop("lm_head.weight", None)
     text = {k: raw[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")}
-    config = FastVlmConfig(
-        vision_config=dict(
-            model_type="timm_wrapper",
-            architecture="fastvit_mci3",
-            hidden_size=vision.num_features,
-            do_pooling=False,
-            model_args=dict(inference_mode=True),
-        ),
-        text_config=dict(
-            model_type="qwen2",
-            num_key_value_heads=raw.get("num_key_value_heads"),
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-            rope_theta=raw.get("rope_theta", 1e6),
-            vocab_size=weights["model.language_model.embed_tokens.weight"].shape[0],
-            tie_word_embeddings=tied,
-            **text,
-        ),
-        image_token_index=raw.get("image_token_index", 151646),
+    text.update(
+        num_key_value_heads=raw.get("num_key_value_heads"),
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rope_theta=raw.get("rope_theta", 1e6),
+        vocab_size=weights["model.language_model.embed_tokens.weight"].shape[0],
         tie_word_embeddings=tied,
     )
+    config = fastvlm_config({}, text, raw.get("image_token_index", 151646), tied)
     model = FastVlmForConditionalGeneration(config)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not (tied and k == "lm_head.weight")]

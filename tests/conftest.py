@@ -61,3 +61,14 @@ def tiny_mlx(tiny_hf, tmp_path_factory) -> Path:
     from convert.convert import convert
 
     return convert(tiny_hf[0], tmp_path_factory.mktemp("tiny") / "mlx")
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_hf, tiny_mlx, image_path):
+    """(reference model, MLX model, tokenizer, preprocessed pixels) for the tiny checkpoint."""
+    from fastvlm_mlx.load import load_model
+    from fastvlm_mlx.preprocess import load_image, preprocess
+
+    model, tokenizer = load_model(tiny_mlx)
+    pixels = preprocess(load_image(image_path), model.config.image_size, model.config.preprocess_mode)
+    return tiny_hf[1], model, tokenizer, pixels

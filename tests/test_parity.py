@@ -13,27 +13,18 @@ import pytest
 from click.testing import CliRunner
 
 from fastvlm_mlx.cli import main
-from fastvlm_mlx.load import load_model
-from fastvlm_mlx.preprocess import load_image, preprocess
 from fastvlm_mlx.prompt import tokenize_prompt
 
 torch = pytest.importorskip("torch")
 PROMPT = "what color is the shape?"
 
 
-@pytest.fixture(scope="module")
-def pair(tiny_hf, tiny_mlx, image_path):
-    model, tokenizer = load_model(tiny_mlx)
-    pixels = preprocess(load_image(image_path), model.config.image_size, model.config.preprocess_mode)
-    return tiny_hf[1], model, tokenizer, pixels
-
-
 def _relative_error(mine, ref) -> float:
     return float(np.abs(np.asarray(mine) - ref).max() / np.abs(ref).max())
 
 
-def test_vision_and_projector_features_match(pair):
-    reference, model, _, pixels = pair
+def test_vision_and_projector_features_match(tiny_pair):
+    reference, model, _, pixels = tiny_pair
     with torch.no_grad():
         px = torch.from_numpy(pixels).permute(0, 3, 1, 2)
         ref_vision = reference.model.vision_tower(px).last_hidden_state.flatten(2).transpose(1, 2)
@@ -44,8 +35,8 @@ def test_vision_and_projector_features_match(pair):
     assert _relative_error(model.project(vision), ref_proj.numpy()) < 1e-4
 
 
-def test_last_position_logits_match(pair):
-    reference, model, tokenizer, pixels = pair
+def test_last_position_logits_match(tiny_pair):
+    reference, model, tokenizer, pixels = tiny_pair
     before, after = tokenize_prompt(tokenizer, PROMPT)
     vision, _ = model.encode_image(mx.array(pixels))
     logits = model.logits(model.splice(before, model.project(vision), after))[0, -1]
@@ -58,8 +49,8 @@ def test_last_position_logits_match(pair):
     assert np.abs(np.asarray(logits) - ref.numpy()).max() < 1e-4
 
 
-def test_greedy_tokens_match_through_cli(pair, tiny_mlx, image_path):
-    reference, model, tokenizer, pixels = pair
+def test_greedy_tokens_match_through_cli(tiny_pair, tiny_mlx, image_path):
+    reference, model, tokenizer, pixels = tiny_pair
     result = CliRunner().invoke(
         main,
         [

@@ -11,8 +11,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from fastvlm_mlx.cli import main
-from fastvlm_mlx.load import load_model
-from fastvlm_mlx.preprocess import load_image, preprocess
 from pruners import PRUNERS, prune
 from tests.test_cli import assert_clean_error, run_cli
 
@@ -20,17 +18,10 @@ torch = pytest.importorskip("torch")
 PROMPT = "what color is the shape?"
 
 
-@pytest.fixture(scope="module")
-def pair(tiny_hf, tiny_mlx, image_path):
-    model, tokenizer = load_model(tiny_mlx)
-    pixels = preprocess(load_image(image_path), model.config.image_size, model.config.preprocess_mode)
-    return tiny_hf[1], model, tokenizer, pixels
-
-
-def test_attention_scores_match_the_reference(pair):
+def test_attention_scores_match_the_reference(tiny_pair):
     from bench.torch_pipeline import encode_image
 
-    reference, model, _, pixels = pair
+    reference, model, _, pixels = tiny_pair
     tokens, scores = model.encode_image(mx.array(pixels), with_scores=True)
     with torch.no_grad():
         ref_tokens, ref_scores = encode_image(reference, torch.from_numpy(pixels).permute(0, 3, 1, 2), True)
@@ -42,7 +33,7 @@ def test_attention_scores_match_the_reference(pair):
 
 @pytest.mark.parametrize("ratio", [0.5, 0.25])
 @pytest.mark.parametrize("name", sorted(PRUNERS))
-def test_same_tokens_kept_on_real_features(pair, name, ratio):
+def test_same_tokens_kept_on_real_features(tiny_pair, name, ratio):
     """Both pruners on the MLX tower's own features and attention scores choose the same tokens.
 
     The tiny random tower's tokens are nearly parallel (pairwise cosine distances from 2e-6,
@@ -52,7 +43,7 @@ def test_same_tokens_kept_on_real_features(pair, name, ratio):
     """
     from bench.torch_pruners import torch_prune
 
-    _, model, _, pixels = pair
+    _, model, _, pixels = tiny_pair
     tokens, scores = model.encode_image(mx.array(pixels), with_scores=True)
     mine = prune(name, tokens, ratio, scores=scores)
     ref = torch_prune(name, torch.from_numpy(np.array(tokens)), ratio, torch.from_numpy(np.array(scores)))
@@ -67,10 +58,10 @@ def test_same_tokens_kept_on_real_features(pair, name, ratio):
 # Each side runs its own tower here (features differ by ~1e-6 relative), so the settings avoid
 # near-ties: DivPrune's late farthest-point picks at 0.5 can flip on this image.
 @pytest.mark.parametrize(("name", "ratio"), [("visionzip", 0.25), ("divprune", 0.25), ("random", 0.125)])
-def test_pruned_generation_matches_reference_through_cli(pair, tiny_mlx, image_path, name, ratio):
+def test_pruned_generation_matches_reference_through_cli(tiny_pair, tiny_mlx, image_path, name, ratio):
     from bench.torch_pipeline import torch_generate
 
-    reference, model, tokenizer, _ = pair
+    reference, model, tokenizer, _ = tiny_pair
     args = ["--model", str(tiny_mlx), "--image", str(image_path), "--prompt", PROMPT, "--max-tokens", "12"]
     result = CliRunner().invoke(main, ["generate", *args, "--pruner", name, "--keep-ratio", str(ratio), "--json"])
     assert result.exit_code == 0, result.output
@@ -98,7 +89,7 @@ def test_pruned_generation_matches_reference_through_cli(pair, tiny_mlx, image_p
     assert timings["prune_s"] > 0 and timings["ttft_s"] == pytest.approx(stages, rel=1e-6)
 
 
-def test_pruning_changes_the_answer_context(pair, tiny_mlx, image_path):
+def test_pruning_changes_the_answer_context(tiny_pair, tiny_mlx, image_path):
     """A pruned run really feeds fewer tokens: the logits it starts from differ from unpruned."""
     runner = CliRunner()
     args = ["generate", "--model", str(tiny_mlx), "--image", str(image_path), "--prompt", PROMPT, "--json"]
@@ -135,14 +126,14 @@ def test_keep_ratio_without_pruner_is_a_clean_error(tiny_mlx, image_path):
     assert_clean_error(generate_with(tiny_mlx, image_path, "--keep-ratio", "0.5"), "--pruner")
 
 
-def test_prune_viz_draws_the_grid_and_keeps_existing_files(pair, tiny_mlx, image_path, tmp_path):
+def test_prune_viz_draws_the_grid_and_keeps_existing_files(tiny_pair, tiny_mlx, image_path, tmp_path):
     out = tmp_path / "viz.png"
     viz = ["prune-viz", "--model", str(tiny_mlx), "--image", str(image_path), "-o", str(out)]
     result = run_cli(*viz, "--pruner", "divprune", "--keep-ratio", "0.25")
     assert result.returncode == 0, result.stderr
     picture = np.asarray(Image.open(out).convert("RGB"), dtype=np.float32)
     assert picture.shape == (1024, 1024, 3)
-    _, model, _, pixels = pair
+    _, model, _, pixels = tiny_pair
     kept = np.array(prune("divprune", model.encode_image(mx.array(pixels))[0], 0.25).sources[0]).reshape(16, 16) >= 0
     brightness = (picture / np.maximum(pixels[0] * 255, 1)).reshape(16, 64, 16, 64, 3)[:, 8:56, :, 8:56]
     dimmed = brightness.mean(axis=(1, 3, 4)) < 0.5
