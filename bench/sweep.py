@@ -201,8 +201,10 @@ def run_bench(
         reference, model_dir = map(str, synthetic_checkpoint(synthetic, workdir))
         images = images or [str(noise_image(workdir / "bench-image.png"))]
         prompts = prompts or [SYNTHETIC_PROMPT]
-    if model_dir is None:
-        raise UserError("pass --model DIR (a converted MLX model) or --synthetic 0.5b|1.5b|7b")
+    if model_dir is None:  # the embedded easy-VQA model, its transformers checkpoint as the reference
+        from fastvlm_mlx.load import embedded_model
+
+        model_dir, reference = str(embedded_model("mlx")), reference or str(embedded_model("hf"))
     if "torch" in frameworks and reference is None:
         raise UserError("--frameworks torch needs --reference SRC (the checkpoint the MLX model came from)")
     items = load_items(images, prompts or [DEFAULT_PROMPT], dataset)

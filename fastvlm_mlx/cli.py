@@ -54,6 +54,7 @@ def main() -> None:
     """FastVLM in MLX: convert checkpoints, generate, benchmark."""
 
 
+MODEL_HELP = "Converted MLX model directory (default: the embedded easy-VQA model)."
 IMAGE_SIZE = click.option(
     "--image-size",
     default=None,
@@ -79,7 +80,7 @@ def _check_inputs(image: str, pruner: str | None, keep_ratio: float | None) -> N
 
 
 @main.command()
-@click.option("--model", "model_dir", required=True, type=click.Path(), help="Converted MLX model directory.")
+@click.option("--model", "model_dir", type=click.Path(), help=MODEL_HELP)
 @click.option("--image", required=True, type=click.Path(), help="Image file (any format PIL reads).")
 @click.option("--prompt", required=True, help="Question about the image.")
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1))
@@ -195,7 +196,7 @@ def export_coreml(src, out, pruner, keep_ratio, image_size, seed, precision, for
 
 
 @main.command("prune-viz")
-@click.option("--model", "model_dir", required=True, type=click.Path(), help="Converted MLX model directory.")
+@click.option("--model", "model_dir", type=click.Path(), help=MODEL_HELP)
 @click.option("--image", required=True, type=click.Path(), help="Image file (any format PIL reads).")
 @click.option("--pruner", default=None, help="Visual-token pruner (default: the model's own, from convert).")
 @KEEP_RATIO
@@ -223,7 +224,7 @@ def _split(text: str, kind=str) -> list:
 
 
 @main.group(invoke_without_command=True)
-@click.option("--model", "model_dir", type=click.Path(), help="Converted MLX model directory.")
+@click.option("--model", "model_dir", type=click.Path(), help=MODEL_HELP + " With neither, its hf/ is the reference.")
 @click.option("--reference", type=click.Path(), help="The transformers or Apple checkpoint MODEL came from.")
 @click.option(
     "--synthetic", type=click.Choice(["0.5b", "1.5b", "7b"]), help="Random weights at a real size, both sides."
@@ -270,7 +271,7 @@ def bench(ctx, model_dir, reference, synthetic, images, prompts, dataset, pruner
         workdir=out_dir,
         **rest,
     )
-    name = _free_name(out_dir, f"bench-{synthetic or Path(model_dir).name}")
+    name = _free_name(out_dir, f"bench-{synthetic or (Path(model_dir).name if model_dir else 'easyvqa')}")
     json_path, csv_path = write_results(results, out_dir, name)
     click.echo(format_table(results["summary"]))
     for path in (json_path, csv_path, *draw_plots(results, out_dir, name)):

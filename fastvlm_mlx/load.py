@@ -14,6 +14,17 @@ from fastvlm_mlx.model import FastVLM
 from fastvlm_mlx.quantize import quantize_model
 
 WEIGHTS_FILE = "model.safetensors"
+# The small easy-VQA model that ships with the package (bench/train_easyvqa.py makes it):
+# mlx/ is the converted model, hf/ the transformers checkpoint it came from.
+EMBEDDED_MODEL = Path(__file__).parent / "models" / "easyvqa"
+
+
+def embedded_model(part: str = "mlx") -> Path:
+    """The shipped model's converted directory ("mlx") or its transformers source ("hf")."""
+    path = EMBEDDED_MODEL / part
+    if not (path / "config.json").is_file():
+        raise UserError(f"the embedded easy-VQA model is missing from this install ({path}); pass --model DIR")
+    return path
 
 
 def read_config(model_dir: str | Path) -> FastVLMConfig:
@@ -46,9 +57,11 @@ def check_weights(model: FastVLM, weights: dict[str, mx.array], where: str) -> N
             raise UserError(f"{where}: {len(items)} {label} parameter(s): {shown}; re-run `fastvlm-mlx convert`")
 
 
-def load_model(model_dir: str | Path) -> tuple[FastVLM, TokenizerWrapper]:
-    """Build the model from its config, load and check its weights, load the tokenizer."""
-    model_dir = Path(model_dir)
+def load_model(model_dir: str | Path | None = None) -> tuple[FastVLM, TokenizerWrapper]:
+    """Build the model from its config, load and check its weights, load the tokenizer.
+
+    Without a directory, the embedded easy-VQA model is loaded."""
+    model_dir = embedded_model() if model_dir is None else Path(model_dir)
     config = read_config(model_dir)
     weights_path = model_dir / WEIGHTS_FILE
     if not weights_path.is_file():

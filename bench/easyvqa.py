@@ -1,0 +1,236 @@
+"""easy-VQA (PyPI `easy-vqa`, MIT): 64x64 shape images with questions, read offline.
+
+Questions, their answers and image paths per split, pixels prepared exactly as the runtime
+prepares them, and answer scoring.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fastvlm_mlx.preprocess import load_image, resize_and_crop
+from fastvlm_mlx.prompt import tokenize_prompt
+
+SPLITS = ("train", "test")
+
+
+@dataclass
+class Split:
+    questions: list[str]
+    answers: list[str]
+    image_ids: list[int]
+    image_paths: dict[int, Path]
+
+
+def load_split(split: str) -> Split:
+    """All questions of `split` ("train" or "test") with their gold answers and image files."""
+    import easy_vqa
+
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    questions, answers, image_ids = (
+        easy_vqa.get_train_questions() if split == "train" else easy_vqa.get_test_questions()
+    )
+    paths = easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()
+    return Split(
+        list(questions), list(answers), [int(i) for i in image_ids], {int(k): Path(v) for k, v in paths.items()}
+    )
+
+
+def answer_vocabulary() -> list[str]:
+    import easy_vqa
+
+    return list(easy_vqa.get_answers())
+
+
+def load_pixels(paths: list[Path], size: int) -> np.ndarray:
+    """(N, size, size, 3) uint8; divided by 255 this equals `preprocess(..., mode="crop")`."""
+    return np.stack([np.asarray(resize_and_crop(load_image(p), size), dtype=np.uint8) for p in paths])
+
+
+def normalize(answer: str) -> str:
+    return answer.strip().lower()
+
+
+def accuracy(predicted: list[str], gold: list[str]) -> float:
+    """Share of exact matches after normalising both sides."""
+    if not gold:
+        return 0.0
+    return sum(normalize(p) == normalize(g) for p, g in zip(predicted, gold, strict=True)) / len(gold)
+
+
+def subset(data: Split, limit: int | None) -> Split:
+    """The first `limit` questions (all when None), with only the images they use."""
+    n = len(data.questions) if limit is None else limit
+    ids = data.image_ids[:n]
+    return Split(data.questions[:n], data.answers[:n], ids, {i: data.image_paths[i] for i in set(ids)})
+
+
+def answer_sequences(tokenizer, data: Split) -> tuple[list[int], list[list[int]], list[int]]:
+    """Prompt ids before the image (the same for every question), and per question the ids after
+    it followed by the answer and `<|im_end|>`, and that answer's length in tokens."""
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    before, sequences, lengths = None, [], []
+    for question, answer in zip(data.questions, data.answers, strict=True):
+        ids_before, ids_after = tokenize_prompt(tokenizer, question)
+        if before not in (None, ids_before):
+            raise ValueError("the prompt before the image differs between questions")
+        before = ids_before
+        reply = tokenizer.encode(answer, add_special_tokens=False) + [eos]
+        sequences.append(ids_after + reply)
+        lengths.append(len(reply))
+    return before, sequences, lengths
+
+
+def by_image(data: Split) -> dict[int, list[int]]:
+    """Question indices grouped by image id, in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for q, image in enumerate(data.image_ids):
+        groups.setdefault(image, []).append(q)
+    return groups
+
+
+@dataclass
+class Scored:
+    """Teacher-forced greedy answers: `predicted[q]` is the argmax token at each answer position of
+    question q, and `correct[q]` says all of them equal the gold answer and eos, which holds exactly
+    when greedy decoding outputs the gold answer."""
+
+    predicted: list[tuple[int, ...]]
+    correct: np.ndarray
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean()) if len(self.correct) else 0.0
+
+
+def score(predicted: list[tuple[int, ...]], sequences: list[list[int]], lengths: list[int]) -> Scored:
+    gold = [tuple(seq[-n:]) for seq, n in zip(sequences, lengths, strict=True)]
+    return Scored(predicted, np.array([p == g for p, g in zip(predicted, gold, strict=True)], dtype=bool))
+
+
+def evaluate_mlx(
+    model,
+    tokenizer,
+    data: Split,
+    pruner: str | None = None,
+    keep_ratio: float = 1.0,
+    images_per_batch: int = 50,
+    seed: int = 0,
+    progress=None,
+) -> Scored:
+    """Answer every question of `data` with the MLX runtime's own stages, batched by image:
+    encode the images, prune their tokens, project, splice each question after them and run
+    the LLM once over question + answer (right padding; causal attention leaves the real
+    positions untouched). `progress(n)` is told how many images were done."""
+    import mlx.core as mx
+
+    from fastvlm_mlx.generate import prune_tokens
+    from pruners import check
+
+    needs_scores = pruner is not None and check(pruner, keep_ratio).needs_scores
+    before, sequences, lengths = answer_sequences(tokenizer, data)
+    groups = by_image(data)
+    images = list(groups)
+    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    embed = model.language_model.model.embed_tokens
+    prefix = embed(mx.array([before], dtype=mx.int32))
+    predicted: list[tuple[int, ...]] = [()] * len(sequences)
+    for start in range(0, len(images), images_per_batch):
+        chunk = images[start : start + images_per_batch]
+        pixels = load_pixels([data.image_paths[i] for i in chunk], model.config.image_size)
+        tokens, scores = model.encode_image(mx.array(pixels.astype(np.float32) / 255.0), with_scores=needs_scores)
+        image = model.project(prune_tokens(tokens, scores, pruner, keep_ratio, seed).tokens)
+        questions = [q for i in chunk for q in groups[i]]
+        slots = mx.array([n for n, i in enumerate(chunk) for _ in groups[i]])
+        width = max(len(sequences[q]) for q in questions)
+        ids = np.full((len(questions), width), pad, dtype=np.int32)
+        for row, q in enumerate(questions):
+            ids[row, : len(sequences[q])] = sequences[q]
+        rows = [mx.broadcast_to(prefix, (len(questions), *prefix.shape[1:])), image[slots], embed(mx.array(ids))]
+        logits = model.language_model(None, input_embeddings=mx.concatenate(rows, axis=1).astype(prefix.dtype))
+        best = np.array(mx.argmax(logits, axis=-1))
+        offset = prefix.shape[1] + image.shape[1] - 1  # position t predicts the token at t + 1
+        for row, q in enumerate(questions):
+            first = offset + len(sequences[q]) - lengths[q]
+            predicted[q] = tuple(int(t) for t in best[row, first : first + lengths[q]])
+        if progress:
+            progress(len(chunk))
+    return score(predicted, sequences, lengths)
+
+
+def accuracy_table(model, tokenizer, data: Split, pruners: list[str], keep_ratios: list[float]) -> dict:
+    """{pruner: {keep ratio: accuracy}} with "none" at ratio 1, over every question of `data`."""
+    import sys
+
+    import click
+
+    settings = [("none", 1.0)] + [(p, r) for p in pruners for r in keep_ratios if r < 1]
+    table: dict[str, dict[float, float]] = {}
+    images = len(set(data.image_ids))
+    with click.progressbar(length=images * len(settings), label="easy-VQA", file=sys.stderr) as bar:
+        for name, ratio in settings:
+            scored = evaluate_mlx(model, tokenizer, data, None if name == "none" else name, ratio, progress=bar.update)
+            table.setdefault(name, {})[ratio] = scored.accuracy
+    return table
+
+
+def plot_table(table: dict, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, row in table.items():
+        if name == "none":
+            ax.axhline(row[1.0], color="black", linestyle="--", label="unpruned")
+            continue
+        ratios = sorted(row)
+        ax.plot(ratios, [row[r] for r in ratios], marker="o", label=name)
+    ax.set(xscale="log", xlabel="keep ratio", ylabel="answer accuracy", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    import json
+
+    import click
+
+    from fastvlm_mlx.load import load_model
+    from pruners import PRUNERS
+
+    @click.command()
+    @click.option("--model", "model_dir", default=None, help="Converted MLX model (default: the shipped one).")
+    @click.option("--limit", type=int, default=None, help="First N test questions (default: all 9673).")
+    @click.option("--pruners", default="all", show_default=True)
+    @click.option("--keep-ratios", default="0.5,0.25,0.125", show_default=True)
+    @click.option(
+        "--out", default="bench-results/easyvqa-accuracy", show_default=True, help="Writes OUT.json, OUT.png."
+    )
+    def run(model_dir, limit, pruners, keep_ratios, out):
+        """Answer accuracy on easy-VQA's test split for every pruner and keep ratio (MLX runtime)."""
+        names = sorted(PRUNERS) if pruners == "all" else [p.strip() for p in pruners.split(",") if p.strip()]
+        ratios = [float(r) for r in keep_ratios.split(",")]
+        model, tokenizer = load_model(model_dir)
+        data = subset(load_split("test"), limit)
+        table = accuracy_table(model, tokenizer, data, names, ratios)
+        click.echo(f"{'method':<12}" + "".join(f"{r:>8g}" for r in [1.0, *ratios]))
+        for name, row in table.items():
+            click.echo(f"{name:<12}" + "".join(f"{row[r]:>8.4f}" if r in row else f"{'':>8}" for r in [1.0, *ratios]))
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        record = dict(model=model_dir or "embedded", questions=len(data.questions), accuracy=table)
+        Path(f"{out}.json").write_text(json.dumps(record, indent=2))
+        plot = plot_table(table, Path(f"{out}.png"), f"easy-VQA test split, {len(data.questions)} questions")
+        click.echo(f"wrote {out}.json and {plot}")
+
+    run()
+
+
+if __name__ == "__main__":
+    main()

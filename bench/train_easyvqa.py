@@ -1,0 +1,214 @@
+"""Train a small FastVLM (FastViT-MCi tower -> MLP projector -> Qwen2) on easy-VQA, then convert it.
+
+    python -m bench.train_easyvqa --out fastvlm_mlx/models/easyvqa
+
+writes OUT/hf (a transformers `fast_vlm` checkpoint) and OUT/mlx (converted). Seeded; the
+loss is on the answer tokens and `<|im_end|>` only. Each image is encoded once per step and
+its vision tokens are shared by all of its questions.
+"""
+
+import math
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+import fastvlm_mlx  # noqa: F401  (preloads MKL before anything imports mlx)
+from bench import easyvqa
+from bench.synthetic import build_reference, make_tokenizer, save_checkpoint
+from convert.convert import convert
+from fastvlm_mlx.prompt import SYSTEM_PROMPT
+
+IMAGE_SIZE = 128
+# fastvit_mci3 with one block per stage and two downsampling stages: stride 16, so 128x128
+# pixels give an 8x8 grid of 64 tokens; stages 3 and 4 stay attention (pruner scores).
+VISION_ARGS = dict(
+    layers=(1, 1, 1, 1, 1),
+    embed_dims=(32, 64, 64, 128, 128),
+    downsamples=(False, True, False, True, False),
+)
+TEXT_ARGS = dict(
+    hidden_size=128,
+    num_hidden_layers=2,
+    intermediate_size=384,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+)
+VOCAB_SIZE = 400
+
+
+def build_tokenizer(directory: Path, data: easyvqa.Split):
+    """Byte-level BPE over the dataset's questions and answers and the chat roles."""
+    pairs = zip(data.questions, data.answers, strict=True)
+    texts = [f"system\n{SYSTEM_PROMPT}\nuser\n\n{q}\nassistant\n{a}" for q, a in pairs]
+    return make_tokenizer(directory, texts, vocab_size=VOCAB_SIZE)
+
+
+class Batches:
+    """Questions grouped by image, padded to a tensor, with the positions that carry loss."""
+
+    def __init__(self, data: easyvqa.Split, tokenizer, pixels: np.ndarray, image_index: dict[int, int]):
+        self.before, sequences, lengths = easyvqa.answer_sequences(tokenizer, data)
+        self.pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        self.pixels = torch.from_numpy(pixels)  # (N, S, S, 3) uint8
+        self.slots = np.array([image_index[i] for i in data.image_ids])
+        self.sequences, self.lengths = sequences, np.array(lengths)
+        self.by_image: dict[int, list[int]] = {}
+        for q, slot in enumerate(self.slots):
+            self.by_image.setdefault(int(slot), []).append(q)
+
+    def make(self, images: list[int]) -> dict[str, torch.Tensor]:
+        questions = [q for i in images for q in self.by_image[i]]
+        local = {image: n for n, image in enumerate(images)}
+        width = max(len(self.sequences[q]) for q in questions)
+        ids = torch.full((len(questions), width), self.pad)
+        target = torch.zeros((len(questions), width), dtype=torch.bool)  # tokens to predict
+        for row, q in enumerate(questions):
+            seq = self.sequences[q]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            target[row, len(seq) - self.lengths[q] : len(seq)] = True
+        pixels = self.pixels[images].permute(0, 3, 1, 2).float() / 255.0
+        slots = torch.tensor([local[int(self.slots[q])] for q in questions])
+        return dict(pixels=pixels, slots=slots, ids=ids, target=target, questions=torch.tensor(questions))
+
+
+def answer_logits(model, before: list[int], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict answer tokens, and those tokens: (T, V), (T,).
+
+    The prompt up to and including the image is run once per image; its KV cache is then
+    copied to each of that image's questions (the same causal attention as a full sequence).
+    """
+    vision = model.model.vision_tower(batch["pixels"]).last_hidden_state.flatten(2).transpose(1, 2)
+    image = model.model.multi_modal_projector(vision)  # (B, N, H)
+    embed = model.get_input_embeddings()
+    prefix = torch.cat([embed(torch.tensor([before])).expand(len(image), -1, -1), image], dim=1)
+    cache = model.model.language_model(inputs_embeds=prefix, use_cache=True).cache
+    cache.batch_select_indices(batch["slots"])
+    hidden = model.model.language_model(inputs_embeds=embed(batch["ids"]), cache=cache).last_hidden_state
+    predicting = hidden[:, :-1][batch["target"][:, 1:]]  # position t predicts token t + 1; answers follow questions
+    return model.lm_head(predicting), batch["ids"][batch["target"]]
+
+
+def exact_matches(logits: torch.Tensor, tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per question: every answer token (eos too) is the argmax, i.e. greedy decoding is right."""
+    hits = torch.zeros(target.shape, dtype=torch.bool)
+    hits[target] = logits.argmax(-1) == tokens
+    return (hits | ~target).all(dim=1)
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def optimizer_for(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """No weight decay on biases, norms, layer scales and embeddings."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "embed_tokens" not in name else plain).append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=plain, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
+
+
+@torch.no_grad()
+def evaluate(model, batches: Batches, images_per_batch: int = 64) -> easyvqa.Scored:
+    """Teacher-forced greedy answers of the PyTorch model (in eval mode), per question."""
+    predicted: list[tuple[int, ...]] = [()] * len(batches.sequences)
+    images = sorted(batches.by_image)
+    for i in range(0, len(images), images_per_batch):
+        batch = batches.make(images[i : i + images_per_batch])
+        logits, _ = answer_logits(model, batches.before, batch)
+        best = iter(logits.argmax(-1).tolist())
+        for q in batch["questions"].tolist():
+            predicted[q] = tuple(next(best) for _ in range(batches.lengths[q]))
+    return easyvqa.score(predicted, batches.sequences, list(batches.lengths))
+
+
+def load_images(data: easyvqa.Split) -> tuple[np.ndarray, dict[int, int]]:
+    ids = sorted(set(data.image_ids))
+    return easyvqa.load_pixels([data.image_paths[i] for i in ids], IMAGE_SIZE), {i: n for n, i in enumerate(ids)}
+
+
+def write_processor_config(directory: Path) -> None:
+    """A transformers image processor that resizes and centre-crops to IMAGE_SIZE, no normalisation."""
+    from transformers import CLIPImageProcessor
+
+    size = dict(height=IMAGE_SIZE, width=IMAGE_SIZE)
+    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=size, do_normalize=False).save_pretrained(
+        directory
+    )
+
+
+def train(out: Path, epochs: int, images_per_batch: int, lr: float, seed: int, max_steps: int | None) -> Path:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    hf_dir, mlx_dir = out / "hf", out / "mlx"
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    train_data, test_data = easyvqa.load_split("train"), easyvqa.load_split("test")
+    tokenizer = build_tokenizer(hf_dir, train_data)
+    train_batches = Batches(train_data, tokenizer, *load_images(train_data))
+    test_batches = Batches(test_data, tokenizer, *load_images(test_data))
+    text_args = dict(TEXT_ARGS, vocab_size=len(tokenizer))
+    model = build_reference(VISION_ARGS, text_args, tokenizer.convert_tokens_to_ids("<image>"), seed=seed).train()
+    click.echo(f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(tokenizer)} tokens; data ready")
+
+    per_epoch = math.ceil(len(train_batches.by_image) / images_per_batch)
+    total = min(epochs * per_epoch, max_steps or epochs * per_epoch)
+    optimizer = optimizer_for(model, lr, weight_decay=0.05)
+    step, loss_sum, hit_sum, seen = 0, 0.0, 0, 0
+    while step < total:
+        order = rng.permutation(sorted(train_batches.by_image))
+        for i in range(0, len(order), images_per_batch):
+            if step >= total:
+                break
+            batch = train_batches.make([int(x) for x in order[i : i + images_per_batch]])
+            logits, tokens = answer_logits(model, train_batches.before, batch)
+            loss = torch.nn.functional.cross_entropy(logits, tokens)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, total, lr, warmup=min(200, total // 10))
+            optimizer.step()
+            step += 1
+            loss_sum += float(loss.detach())
+            hit_sum += int(exact_matches(logits.detach(), tokens, batch["target"]).sum())
+            seen += len(batch["ids"])
+            if step % 50 == 0 or step == total:
+                elapsed = time.perf_counter() - started
+                click.echo(
+                    f"step {step}/{total}  epoch {step / per_epoch:.2f}  loss {loss_sum / 50:.4f}  "
+                    f"train acc {hit_sum / seen:.3f}  {elapsed / 60:.1f} min"
+                )
+                loss_sum, hit_sum, seen = 0.0, 0, 0
+
+    model.eval()
+    click.echo(f"test accuracy (torch, teacher-forced = greedy): {evaluate(model, test_batches).accuracy:.4f}")
+    save_checkpoint(model, tokenizer, hf_dir, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    write_processor_config(hf_dir)
+    convert(hf_dir, mlx_dir, force=True)
+    click.echo(f"wrote {hf_dir} and {mlx_dir} in {(time.perf_counter() - started) / 60:.1f} min")
+    return out
+
+
+@click.command()
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Writes OUT/hf and OUT/mlx.")
+@click.option("--epochs", default=12, show_default=True)
+@click.option("--images-per-batch", default=16, show_default=True, help="Each with all of its questions.")
+@click.option("--lr", default=2e-3, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--max-steps", type=int, default=None, help="Stop early (sanity runs).")
+@click.option("--threads", default=2, show_default=True)
+def main(out: Path, epochs: int, images_per_batch: int, lr: float, seed: int, max_steps: int | None, threads: int):
+    """Train the easy-VQA FastVLM and convert it to MLX."""
+    torch.set_num_threads(threads)
+    train(out, epochs, images_per_batch, lr, seed, max_steps)
+
+
+if __name__ == "__main__":
+    main()
