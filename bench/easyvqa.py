@@ -127,9 +127,9 @@ def evaluate_mlx(
     import mlx.core as mx
 
     from fastvlm_mlx.generate import prune_tokens
-    from pruners import check
+    from pruners import needs_scores
 
-    needs_scores = pruner is not None and check(pruner, keep_ratio).needs_scores
+    scored = needs_scores(pruner, keep_ratio)
     before, sequences, lengths = answer_sequences(tokenizer, data)
     groups = by_image(data)
     images = list(groups)
@@ -140,7 +140,7 @@ def evaluate_mlx(
     for start in range(0, len(images), images_per_batch):
         chunk = images[start : start + images_per_batch]
         pixels = load_pixels([data.image_paths[i] for i in chunk], model.config.image_size)
-        tokens, scores = model.encode_image(mx.array(pixels.astype(np.float32) / 255.0), with_scores=needs_scores)
+        tokens, scores = model.encode_image(mx.array(pixels.astype(np.float32) / 255.0), with_scores=scored)
         image = model.project(prune_tokens(tokens, scores, pruner, keep_ratio, seed).tokens)
         questions = [q for i in chunk for q in groups[i]]
         slots = mx.array([n for n, i in enumerate(chunk) for _ in groups[i]])
@@ -208,14 +208,15 @@ def main() -> None:
     @click.command()
     @click.option("--model", "model_dir", default=None, help="Converted MLX model (default: the shipped one).")
     @click.option("--limit", type=int, default=None, help="First N test questions (default: all 9673).")
-    @click.option("--pruners", default="all", show_default=True)
+    @click.option("--pruners", default="all", show_default=True, help="Comma-separated names, all, or none.")
     @click.option("--keep-ratios", default="0.5,0.25,0.125", show_default=True)
     @click.option(
         "--out", default="bench-results/easyvqa-accuracy", show_default=True, help="Writes OUT.json, OUT.png."
     )
     def run(model_dir, limit, pruners, keep_ratios, out):
         """Answer accuracy on easy-VQA's test split for every pruner and keep ratio (MLX runtime)."""
-        names = sorted(PRUNERS) if pruners == "all" else [p.strip() for p in pruners.split(",") if p.strip()]
+        names = {"all": sorted(PRUNERS), "none": []}.get(pruners)
+        names = [p.strip() for p in pruners.split(",") if p.strip()] if names is None else names
         ratios = [float(r) for r in keep_ratios.split(",")]
         model, tokenizer = load_model(model_dir)
         data = subset(load_split("test"), limit)

@@ -59,7 +59,8 @@ def make_settings(
             check(name, ratio)
     sizes = list(dict.fromkeys([default_size, *image_sizes]))
     settings = [Setting(None, 1.0, size) for size in sizes]
-    pruned = [Setting(name, r, default_size) for name in pruners for r in keep_ratios if r < 1]
+    ratios = [r for r in dict.fromkeys(keep_ratios) if r < 1]
+    pruned = [Setting(name, r, default_size) for name in dict.fromkeys(pruners) for r in ratios]
     return settings + pruned
 
 
@@ -147,9 +148,13 @@ def summarize(settings: list[Setting], runs: list[dict], quality: dict, framewor
             rows.append(row)
         if set(frameworks) == set(FRAMEWORKS):
             pairs = _pairs(runs, s_index)
-            ratio = stats([m["timings"]["ttft_s"] / t["timings"]["ttft_s"] for m, t in pairs])
-            for row in rows[-len(frameworks) :]:
-                row["ttft_ratio_mlx_over_torch"] = ratio
+            ratios = {
+                stage: stats([m["timings"][stage] / t["timings"][stage] for m, t in pairs])
+                for stage in STAGES
+                if all(t["timings"][stage] > 0 for _, t in pairs)
+            }
+            for row in rows[-len(frameworks) :]:  # every stage, pair by pair (decode: a tokens/s ratio)
+                row.update({f"{stage.removesuffix('_s')}_ratio_mlx_over_torch": r for stage, r in ratios.items()})
     return rows
 
 
@@ -237,9 +242,10 @@ def run_bench(
     total = (warmup + runs) * len(settings) * len(items) * len(frameworks)
     with click.progressbar(length=total, label="bench", file=sys.stderr) as bar:
         for round_ in range(warmup + runs):
-            order = frameworks if round_ % 2 == 0 else frameworks[::-1]
             for s_index, setting in enumerate(settings):
                 for i_index, item in enumerate(items):
+                    # who goes first alternates run by run, so neither framework always runs warm
+                    order = frameworks if (round_ + s_index + i_index) % 2 == 0 else frameworks[::-1]
                     for fw in order:
                         result = run_once(fw, setting, item)
                         bar.update(1)
@@ -266,6 +272,7 @@ def run_bench(
             frameworks=frameworks,
             dtype=dtype,
             image_size=model.config.image_size,
+            quantization=model.config.quantization,
         ),
         "environment": environment(device),
         "settings": [dict(asdict(s), label=s.label) for s in settings],

@@ -14,7 +14,7 @@ from convert.torch_model import attention_received, last_attention
 from fastvlm_mlx.generate import GenerationResult, Timings
 from fastvlm_mlx.preprocess import load_image, preprocess
 from fastvlm_mlx.prompt import tokenize_prompt
-from pruners import check
+from pruners import needs_scores
 
 
 def _sync(device: torch.device) -> float:
@@ -57,7 +57,7 @@ def torch_generate(
 ) -> GenerationResult:
     """Greedy generation with transformers' FastVlmForConditionalGeneration, timed per stage."""
     device, dtype = model.device, model.dtype
-    needs_scores = pruner is not None and check(pruner, keep_ratio).needs_scores
+    scored = needs_scores(pruner, keep_ratio)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -66,7 +66,7 @@ def torch_generate(
     ids_before, ids_after = tokenize_prompt(tokenizer, prompt)
     t_pre = _sync(device)
 
-    vision, scores = encode_image(model, pixels, needs_scores)  # (1, N, D), (1, N) or None
+    vision, scores = encode_image(model, pixels, scored)  # (1, N, D), (1, N) or None
     t_vision = _sync(device)
     kept = vision if pruner is None else torch_prune(pruner, vision, keep_ratio, scores, seed=seed)[0]
     t_prune = _sync(device)

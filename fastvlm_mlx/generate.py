@@ -7,14 +7,14 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.sample_utils import make_sampler
 
 from fastvlm_mlx.errors import UserError
 from fastvlm_mlx.model import FastVLM
 from fastvlm_mlx.preprocess import load_image, preprocess
 from fastvlm_mlx.prompt import tokenize_prompt
-from pruners import Pruned, check, identity, prune
+from pruners import Pruned, identity, needs_scores, prune
 
 
 @dataclass
@@ -90,7 +90,7 @@ def generate(
     """
     config = model.config
     pruner, keep_ratio = resolve_pruning(config, pruner, keep_ratio)
-    needs_scores = pruner is not None and check(pruner, keep_ratio).needs_scores
+    scored = needs_scores(pruner, keep_ratio)
     if seed is not None:
         mx.random.seed(seed)
     mx.reset_peak_memory()
@@ -100,8 +100,8 @@ def generate(
     ids_before, ids_after = tokenize_prompt(tokenizer, prompt)
     t_pre = _now(pixels)
 
-    tokens, scores = model.encode_image(pixels, with_scores=needs_scores)  # (1, N, D), (1, N) or None
-    t_vision = _now(tokens, *([scores] if needs_scores else []))
+    tokens, scores = model.encode_image(pixels, with_scores=scored)  # (1, N, D), (1, N) or None
+    t_vision = _now(tokens, *([scores] if scored else []))
     kept = prune_tokens(tokens, scores, pruner, keep_ratio, seed or 0)
     t_prune = _now(kept.tokens, kept.indices)
 
@@ -130,6 +130,10 @@ def generate(
         if on_text:  # decoding per token is only worth its cost when someone is watching
             text = _stream_text(tokenizer, token_ids, text, on_text)
     text = _stream_text(tokenizer, token_ids, text, on_text, final=True)
+    # generate_step queues the step after the last token it yields; finish it here, untimed,
+    # so it does not run into whatever is timed next.
+    steps.close()
+    mx.synchronize(generation_stream)
 
     timings = Timings.from_marks(start, t_pre, t_vision, t_prune, t_first, t_last, generated)
     return GenerationResult(
@@ -146,13 +150,16 @@ def generate(
 def resolve_pruning(config, pruner: str | None, keep_ratio: float | None) -> tuple[str | None, float]:
     """(pruner, keep ratio) to run: explicit choices win over the model's converted default."""
     if pruner == "none":
+        if keep_ratio not in (None, 1.0):
+            raise UserError("--pruner none keeps every token; drop --keep-ratio or name a pruner")
         return None, 1.0
     if pruner is None and config.pruner is None:
         if keep_ratio not in (None, 1.0):
             raise UserError("--keep-ratio needs a pruner: add --pruner NAME (e.g. --pruner divprune)")
         return None, 1.0
-    ratio = keep_ratio if keep_ratio is not None else config.keep_ratio if config.pruner else 1.0
-    return pruner or config.pruner, ratio
+    if keep_ratio is None and config.pruner is None:  # the model has no ratio to lend
+        raise UserError(f"--pruner {pruner} needs --keep-ratio R in (0, 1], e.g. --keep-ratio 0.5")
+    return pruner or config.pruner, keep_ratio if keep_ratio is not None else config.keep_ratio
 
 
 def prune_tokens(tokens: mx.array, scores: mx.array | None, pruner: str | None, keep_ratio: float, seed: int) -> Pruned:

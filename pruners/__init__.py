@@ -4,6 +4,28 @@
 """
 
 from pruners import merging, selection  # noqa: F401  (registers the methods)
-from pruners.registry import PRUNERS, Pruned, Pruner, PrunerError, check, get_pruner, identity, keep_count, prune
+from pruners.registry import (
+    PRUNERS,
+    Pruned,
+    Pruner,
+    PrunerError,
+    check,
+    get_pruner,
+    identity,
+    keep_count,
+    needs_scores,
+    prune,
+)
 
-__all__ = ["PRUNERS", "Pruned", "Pruner", "PrunerError", "check", "get_pruner", "identity", "keep_count", "prune"]
+__all__ = [
+    "PRUNERS",
+    "Pruned",
+    "Pruner",
+    "PrunerError",
+    "check",
+    "get_pruner",
+    "identity",
+    "keep_count",
+    "needs_scores",
+    "prune",
+]

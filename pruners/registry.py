@@ -53,6 +53,13 @@ def check(name: str, keep_ratio: float) -> Pruner:
     return get_pruner(name)
 
 
+def needs_scores(name: str | None, keep_ratio: float) -> bool:
+    """Whether running `name` at `keep_ratio` needs attention scores from the vision tower.
+
+    Never at ratio 1: nothing is pruned, so the tower keeps its fused attention."""
+    return name is not None and check(name, keep_ratio).needs_scores and keep_ratio < 1
+
+
 def keep_count(num_tokens: int, keep_ratio: float) -> int:
     """k = max(1, round(keep_ratio * N)), for a keep ratio in (0, 1]."""
     if not isinstance(keep_ratio, int | float) or not 0 < keep_ratio <= 1:

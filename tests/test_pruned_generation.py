@@ -124,6 +124,12 @@ def test_bad_keep_ratio_is_a_clean_error(tiny_mlx, image_path, ratio):
 
 def test_keep_ratio_without_pruner_is_a_clean_error(tiny_mlx, image_path):
     assert_clean_error(generate_with(tiny_mlx, image_path, "--keep-ratio", "0.5"), "--pruner")
+    assert_clean_error(generate_with(tiny_mlx, image_path, "--pruner", "none", "--keep-ratio", "0.5"), "--pruner none")
+
+
+def test_pruner_without_keep_ratio_is_a_clean_error(tiny_mlx, image_path):
+    """A model converted without pruning has no ratio to lend: silently keeping every token would lie."""
+    assert_clean_error(generate_with(tiny_mlx, image_path, "--pruner", "divprune"), "--keep-ratio")
 
 
 def test_prune_viz_draws_the_grid_and_keeps_existing_files(tiny_pair, tiny_mlx, image_path, tmp_path):
