@@ -198,9 +198,9 @@ def train(out: Path, epochs: int, images_per_batch: int, lr: float, seed: int, m
 
 @click.command()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Writes OUT/hf and OUT/mlx.")
-@click.option("--epochs", default=12, show_default=True)
-@click.option("--images-per-batch", default=16, show_default=True, help="Each with all of its questions.")
-@click.option("--lr", default=2e-3, show_default=True)
+@click.option("--epochs", default=35, show_default=True)
+@click.option("--images-per-batch", default=8, show_default=True, help="Each with all of its questions.")
+@click.option("--lr", default=5e-4, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="Stop early (sanity runs).")
 @click.option("--threads", default=2, show_default=True)

@@ -1,0 +1,111 @@
+"""The shipped easy-VQA model: the accuracy bar, pruners told apart, the batched scorer equal to
+greedy generation, MLX equal to PyTorch, and the CLI's default model.
+
+Not here: "the best pruner at 0.5 stays within 2 points of unpruned" does not hold for this model
+(about 0.78 against 1.0 on this subset, every method alike): trained on all 64 tokens, its 2-layer
+LLM relies on the full grid. That is reported in the closing note rather than tuned away.
+
+Accuracy is measured on the first SUBSET questions of easy-VQA's test split (the full split's
+table is in bench-results and the closing note)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from bench import easyvqa
+from fastvlm_mlx.generate import generate
+from fastvlm_mlx.load import embedded_model, load_model
+from pruners import PRUNERS
+
+SUBSET = 2000
+BAR = 0.97
+# Standard error of an accuracy near 0.9 on 2000 questions is ~0.7 points; 5 points is far outside it.
+MARGIN = 0.05
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def questions():
+    return easyvqa.subset(easyvqa.load_split("test"), SUBSET)
+
+
+@pytest.fixture(scope="module")
+def unpruned(shipped, questions):
+    return easyvqa.evaluate_mlx(*shipped, questions)
+
+
+def accuracies(shipped, questions, keep_ratio: float) -> dict[str, float]:
+    return {name: easyvqa.evaluate_mlx(*shipped, questions, name, keep_ratio).accuracy for name in PRUNERS}
+
+
+def test_shipped_model_is_small_and_complete():
+    total = sum(f.stat().st_size for part in ("mlx", "hf") for f in embedded_model(part).iterdir())
+    assert total <= 20e6
+    grid = load_model()[0].config
+    assert (grid.image_size // grid.vision.stride) ** 2 >= 64
+
+
+def test_unpruned_accuracy_meets_the_bar(unpruned):
+    assert unpruned.accuracy >= BAR
+
+
+def test_random_at_an_eighth_is_worse_than_the_best_method(shipped, questions):
+    eighth = accuracies(shipped, questions, 0.125)
+    best = max(acc for name, acc in eighth.items() if name != "random")
+    assert eighth["random"] <= best - MARGIN, eighth
+
+
+def test_batched_scoring_is_greedy_generation(shipped, questions, unpruned):
+    """Generating answers one by one through the runtime gives exactly what the scorer predicts:
+    the gold answer where it says correct, and the same first token everywhere."""
+    model, tokenizer = shipped
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    _, sequences, lengths = easyvqa.answer_sequences(tokenizer, questions)
+    wrong = [q for q in range(len(unpruned.correct)) if not unpruned.correct[q]]
+    for q in list(range(20)) + wrong[:10]:
+        image = questions.image_paths[questions.image_ids[q]]
+        result = generate(model, tokenizer, image, questions.questions[q], max_tokens=8)
+        said = tuple(result.token_ids) + (eos,)
+        assert (said == tuple(sequences[q][-lengths[q] :])) == bool(unpruned.correct[q])
+        assert said[0] == unpruned.predicted[q][0]
+        assert (easyvqa.normalize(result.text) == easyvqa.normalize(questions.answers[q])) == bool(unpruned.correct[q])
+
+
+def test_mlx_and_pytorch_give_the_same_answers(shipped, questions, unpruned):
+    import torch
+
+    from bench.train_easyvqa import Batches, evaluate, load_images
+    from convert.torch_model import load_reference
+
+    model, tokenizer = shipped
+    reference = load_reference(embedded_model("hf"), torch.device("cpu"), "float32", model.config.text["vocab_size"])
+    scored = evaluate(reference, Batches(questions, tokenizer, *load_images(questions)))
+    same = sum(a == b for a, b in zip(scored.predicted, unpruned.predicted, strict=True)) / len(scored.predicted)
+    assert same >= 0.99
+    assert abs(scored.accuracy - unpruned.accuracy) <= 0.01
+
+
+def test_cli_answers_with_the_embedded_model_by_default(questions):
+    q = next(i for i, text in enumerate(questions.questions) if "color" in text)
+    image = questions.image_paths[questions.image_ids[q]]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastvlm_mlx.cli",
+            "generate",
+            "--image",
+            str(image),
+            "--prompt",
+            "What color is the shape?",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert easyvqa.normalize(out.stdout) == questions.answers[q]
