@@ -4,6 +4,8 @@ Parameter names follow timm's `fastvit` so the key map stays short. BatchNorm an
 scale are folded into the neighbouring convs by the converter, so there are none here.
 """
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -29,43 +31,101 @@ def _polynomial(coeffs: tuple[float, ...], t: mx.array) -> mx.array:
     return terms[0]
 
 
-@mx.compile  # not shapeless: MLX then emits a generic strided loop, ~5x slower on CPU
-def gelu(x: mx.array) -> mx.array:
-    """Exact (erf) GELU to ~1e-6 absolute. MLX's CPU erf is scalar code; this fuses and vectorizes."""
+def _exact_gelu(x: mx.array) -> mx.array:
     z = mx.clip(x * 0.7071067811865476, -4.0, 4.0)
     z2 = z * z
     return 0.5 * x * (1.0 + z * _polynomial(_ERF_P, z2) / _polynomial(_ERF_Q, z2))
 
 
-@mx.compile
-def grouped_conv(x: mx.array, weight: mx.array, stride: int = 1) -> mx.array:
-    """Conv with groups == input channels (depthwise, or m filters per channel), no bias.
+# Not shapeless: MLX then emits a generic strided loop, ~5x slower on CPU.
+_compiled_gelu = mx.compile(_exact_gelu)
 
-    x (B, H, W, C), weight (C * m, k, k, 1) as nn.Conv2d stores it; padding k // 2. Written as
-    shifted multiply-adds, which compile to fused loops; MLX's grouped conv2d is slow on CPU.
-    """
-    B, H, W, C = x.shape
+
+@mx.compile
+def _taps(padded: mx.array, weight: mx.array, bias: mx.array, stride: int, h_out: int, activate: bool) -> mx.array:
+    """Grouped conv over an already padded input, as shifted multiply-adds fused into one loop:
+    padded (B, Hp, Wp, C), weight (C * m, k, k, 1), output rows h_out, optional GELU."""
+    B, _, Wp, C = padded.shape
     c_out, k = weight.shape[:2]
-    pad = k // 2
-    h_out, w_out = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
-    padded = mx.pad(x, [(0, 0), (pad, pad), (pad, pad), (0, 0)])[..., None]
+    w_out = (Wp - k) // stride + 1
     taps = weight.reshape(C, c_out // C, k, k)  # output channel c * m + j reads input channel c
+    padded = padded[..., None]
     out = None
     for i in range(k):
         for j in range(k):
             window = padded[:, i : i + stride * (h_out - 1) + 1 : stride, j : j + stride * (w_out - 1) + 1 : stride]
             term = window * taps[:, :, i, j]
             out = term if out is None else out + term
-    return out.reshape(B, h_out, w_out, c_out)
+    out = out.reshape(B, h_out, w_out, c_out) + bias
+    return _exact_gelu(out) if activate else out
+
+
+_STREAMS: list = []
+
+
+def _cpu_streams() -> list:
+    """One stream per core (up to 4) when MLX runs on the CPU, else none.
+
+    MLX's CPU backend runs each elementwise kernel on one thread (only GEMMs are threaded, by
+    the BLAS), so the fused conv and GELU loops are split by rows across streams, one per core.
+    """
+    if mx.default_device() != mx.cpu:
+        return []
+    if not _STREAMS:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(min(cores, 4)))
+    return _STREAMS if len(_STREAMS) > 1 else []
+
+
+def _row_bounds(rows: int, parts: int) -> list[tuple[int, int]]:
+    cuts = [rows * i // parts for i in range(parts + 1)]
+    return [(lo, hi) for lo, hi in zip(cuts, cuts[1:], strict=False) if hi > lo]
+
+
+def gelu(x: mx.array) -> mx.array:
+    """Exact (erf) GELU to ~1e-6 absolute, over (B, rows, ...). MLX's CPU erf is scalar code;
+    this is a compiled rational erf, split by rows across CPU cores."""
+    streams = _cpu_streams()
+    if not streams or x.ndim < 2 or x.shape[1] < len(streams):
+        return _compiled_gelu(x)
+    parts = []
+    for stream, (lo, hi) in zip(streams, _row_bounds(x.shape[1], len(streams)), strict=False):
+        with mx.stream(stream):
+            parts.append(_compiled_gelu(x[:, lo:hi]))
+    return mx.concatenate(parts, axis=1)
+
+
+def grouped_conv(
+    x: mx.array, weight: mx.array, bias: mx.array | None = None, stride: int = 1, activate: bool = False
+) -> mx.array:
+    """Conv with groups == input channels (depthwise, or m filters per channel), plus bias and
+    optionally GELU, in one fused loop per CPU core (MLX's grouped conv2d is slow on CPU).
+
+    x (B, H, W, C), weight (C * m, k, k, 1) as nn.Conv2d stores it; padding k // 2.
+    """
+    H, c_out, k = x.shape[1], weight.shape[0], weight.shape[1]
+    pad = k // 2
+    h_out = (H + 2 * pad - k) // stride + 1
+    bias = mx.zeros((c_out,), dtype=x.dtype) if bias is None else bias
+    padded = mx.pad(x, [(0, 0), (pad, pad), (pad, pad), (0, 0)])
+    streams = _cpu_streams()
+    if not streams or h_out < len(streams):
+        return _taps(padded, weight, bias, stride, h_out, activate)
+    parts = []
+    for stream, (lo, hi) in zip(streams, _row_bounds(h_out, len(streams)), strict=False):
+        with mx.stream(stream):
+            rows = padded[:, lo * stride : (hi - 1) * stride + k]
+            parts.append(_taps(rows, weight, bias, stride, hi - lo, activate))
+    return mx.concatenate(parts, axis=1)
 
 
 def _conv(c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2, groups=groups)
 
 
-def _apply(conv: nn.Conv2d, x: mx.array, stride: int = 1) -> mx.array:
+def _apply(conv: nn.Conv2d, x: mx.array, stride: int = 1, activate: bool = False) -> mx.array:
     """Run an nn.Conv2d whose groups equal its input channels through grouped_conv."""
-    return grouped_conv(x, conv.weight, stride) + conv.bias if "bias" in conv else grouped_conv(x, conv.weight, stride)
+    return grouped_conv(x, conv.weight, conv.get("bias"), stride, activate)
 
 
 class ConvAct(nn.Module):
@@ -77,7 +137,9 @@ class ConvAct(nn.Module):
         self.stride, self.grouped = stride, groups == c_in > 1
 
     def __call__(self, x: mx.array) -> mx.array:
-        return gelu(_apply(self.reparam_conv, x, self.stride) if self.grouped else self.reparam_conv(x))
+        if self.grouped:
+            return _apply(self.reparam_conv, x, self.stride, activate=True)
+        return gelu(self.reparam_conv(x))
 
 
 class PointwiseAct(nn.Module):

@@ -5,6 +5,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from fastvlm_mlx import vision
 from fastvlm_mlx.config import VisionConfig
 from fastvlm_mlx.vision import FastViT, gelu, grouped_conv
 
@@ -17,9 +18,23 @@ def test_grouped_conv_matches_conv2d(c_in, c_out, k, stride, size):
     x = mx.random.normal((2, size, size + 2, c_in), key=mx.random.key(0))
     weight = mx.random.normal((c_out, k, k, 1), key=mx.random.key(1))
     ref = mx.conv2d(x, weight, stride=stride, padding=k // 2, groups=c_in)
-    mine = grouped_conv(x, weight, stride)
+    bias = mx.random.normal((c_out,), key=mx.random.key(2))
+    mine = grouped_conv(x, weight, bias, stride=stride)
     assert mine.shape == ref.shape
-    assert mx.abs(mine - ref).max().item() <= 1e-5 * mx.abs(ref).max().item()
+    assert mx.abs(mine - (ref + bias)).max().item() <= 1e-5 * mx.abs(ref).max().item()
+    activated = grouped_conv(x, weight, bias, stride=stride, activate=True)
+    assert mx.abs(activated - nn.gelu(ref + bias)).max().item() <= 1e-5 * mx.abs(ref).max().item()
+
+
+def test_split_across_cpu_streams_is_exact(monkeypatch):
+    """Rows split over CPU streams give the same bits as one fused loop over the whole image."""
+    x = mx.random.normal((1, 20, 18, 8), key=mx.random.key(3))
+    weight, bias = mx.random.normal((8, 7, 7, 1), key=mx.random.key(4)), mx.zeros((8,))
+    monkeypatch.setattr(vision, "_STREAMS", [mx.new_stream(mx.cpu) for _ in range(3)])
+    split, split_gelu = grouped_conv(x, weight, bias), gelu(x)
+    monkeypatch.setattr(vision, "_STREAMS", [mx.default_stream(mx.cpu)])
+    assert mx.array_equal(split, grouped_conv(x, weight, bias)).item()
+    assert mx.array_equal(split_gelu, gelu(x)).item()
 
 
 def test_gelu_matches_exact_gelu_over_the_real_line():
