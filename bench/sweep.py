@@ -154,7 +154,8 @@ def summarize(settings: list[Setting], runs: list[dict], quality: dict, framewor
                 if all(t["timings"][stage] > 0 for _, t in pairs)
             }
             for row in rows[-len(frameworks) :]:  # every stage, pair by pair (decode: a tokens/s ratio)
-                row.update({f"{stage.removesuffix('_s')}_ratio_mlx_over_torch": r for stage, r in ratios.items()})
+                names = {stage: stage.removesuffix("_tokens_per_s").removesuffix("_s") for stage in ratios}
+                row.update({f"{names[stage]}_ratio_mlx_over_torch": r for stage, r in ratios.items()})
     return rows
 
 

@@ -80,7 +80,7 @@ def test_bench_frameworks_agree_and_quality_is_measured(bench_run):
         mlx_row, torch_row = by_key[("mlx", label)], by_key[("torch", label)]
         assert mlx_row["visual_tokens"] == torch_row["visual_tokens"]
         assert mlx_row["token_agreement"] == torch_row["token_agreement"]  # same greedy tokens on both sides
-        for stage in ("ttft", "vision", "prefill", "preprocess"):
+        for stage in ("ttft", "vision", "prefill", "preprocess", "decode"):
             ratio = mlx_row[f"{stage}_ratio_mlx_over_torch"]
             assert ratio["min"] <= ratio["median"] <= ratio["max"] and ratio["median"] > 0
     base = by_key[("mlx", "baseline @1024")]
