@@ -38,12 +38,6 @@ def load_split(split: str) -> Split:
     )
 
 
-def answer_vocabulary() -> list[str]:
-    import easy_vqa
-
-    return list(easy_vqa.get_answers())
-
-
 def load_pixels(paths: list[Path], size: int) -> np.ndarray:
     """(N, size, size, 3) uint8; divided by 255 this equals `preprocess(..., mode="crop")`."""
     return np.stack([np.asarray(resize_and_crop(load_image(p), size), dtype=np.uint8) for p in paths])
@@ -51,13 +45,6 @@ def load_pixels(paths: list[Path], size: int) -> np.ndarray:
 
 def normalize(answer: str) -> str:
     return answer.strip().lower()
-
-
-def accuracy(predicted: list[str], gold: list[str]) -> float:
-    """Share of exact matches after normalising both sides."""
-    if not gold:
-        return 0.0
-    return sum(normalize(p) == normalize(g) for p, g in zip(predicted, gold, strict=True)) / len(gold)
 
 
 def subset(data: Split, limit: int | None) -> Split:

@@ -148,14 +148,15 @@ def summarize(settings: list[Setting], runs: list[dict], quality: dict, framewor
             rows.append(row)
         if set(frameworks) == set(FRAMEWORKS):
             pairs = _pairs(runs, s_index)
-            ratios = {
-                stage: stats([m["timings"][stage] / t["timings"][stage] for m, t in pairs])
+            ratios = {  # every stage, pair by pair (decode: a tokens/s ratio)
+                f"{stage.removesuffix('_tokens_per_s').removesuffix('_s')}_ratio_mlx_over_torch": stats(
+                    [m["timings"][stage] / t["timings"][stage] for m, t in pairs]
+                )
                 for stage in STAGES
                 if all(t["timings"][stage] > 0 for _, t in pairs)
             }
-            for row in rows[-len(frameworks) :]:  # every stage, pair by pair (decode: a tokens/s ratio)
-                names = {stage: stage.removesuffix("_tokens_per_s").removesuffix("_s") for stage in ratios}
-                row.update({f"{names[stage]}_ratio_mlx_over_torch": r for stage, r in ratios.items()})
+            for row in rows[-len(frameworks) :]:
+                row.update(ratios)
     return rows
 
 

@@ -56,9 +56,7 @@ class Batches:
         self.pixels = torch.from_numpy(pixels)  # (N, S, S, 3) uint8
         self.slots = np.array([image_index[i] for i in data.image_ids])
         self.sequences, self.lengths = sequences, np.array(lengths)
-        self.by_image: dict[int, list[int]] = {}
-        for q, slot in enumerate(self.slots):
-            self.by_image.setdefault(int(slot), []).append(q)
+        self.by_image = {image_index[i]: qs for i, qs in easyvqa.by_image(data).items()}  # slot -> questions
 
     def make(self, images: list[int]) -> dict[str, torch.Tensor]:
         questions = [q for i in images for q in self.by_image[i]]

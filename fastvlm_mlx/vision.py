@@ -77,22 +77,26 @@ def _cpu_streams() -> list:
     return _STREAMS if len(_STREAMS) > 1 else []
 
 
-def _row_bounds(rows: int, parts: int) -> list[tuple[int, int]]:
-    cuts = [rows * i // parts for i in range(parts + 1)]
-    return [(lo, hi) for lo, hi in zip(cuts, cuts[1:], strict=False) if hi > lo]
+def _by_rows(rows: int, run) -> mx.array:
+    """run(lo, hi) on row bands [lo, hi) of axis 1, one band per CPU stream, concatenated;
+    a single run(0, rows) off the CPU or when there are fewer rows than streams."""
+    streams = _cpu_streams()
+    if not streams or rows < len(streams):
+        return run(0, rows)
+    cuts = [rows * i // len(streams) for i in range(len(streams) + 1)]
+    parts = []
+    for stream, lo, hi in zip(streams, cuts, cuts[1:], strict=False):
+        with mx.stream(stream):
+            parts.append(run(lo, hi))
+    return mx.concatenate(parts, axis=1)
 
 
 def gelu(x: mx.array) -> mx.array:
     """Exact (erf) GELU to ~1e-6 absolute, over (B, rows, ...). MLX's CPU erf is scalar code;
     this is a compiled rational erf, split by rows across CPU cores."""
-    streams = _cpu_streams()
-    if not streams or x.ndim < 2 or x.shape[1] < len(streams):
+    if x.ndim < 2:
         return _compiled_gelu(x)
-    parts = []
-    for stream, (lo, hi) in zip(streams, _row_bounds(x.shape[1], len(streams)), strict=False):
-        with mx.stream(stream):
-            parts.append(_compiled_gelu(x[:, lo:hi]))
-    return mx.concatenate(parts, axis=1)
+    return _by_rows(x.shape[1], lambda lo, hi: _compiled_gelu(x[:, lo:hi]))
 
 
 def grouped_conv(
@@ -108,15 +112,11 @@ def grouped_conv(
     h_out = (H + 2 * pad - k) // stride + 1
     bias = mx.zeros((c_out,), dtype=x.dtype) if bias is None else bias
     padded = mx.pad(x, [(0, 0), (pad, pad), (pad, pad), (0, 0)])
-    streams = _cpu_streams()
-    if not streams or h_out < len(streams):
-        return _taps(padded, weight, bias, stride, h_out, activate)
-    parts = []
-    for stream, (lo, hi) in zip(streams, _row_bounds(h_out, len(streams)), strict=False):
-        with mx.stream(stream):
-            rows = padded[:, lo * stride : (hi - 1) * stride + k]
-            parts.append(_taps(rows, weight, bias, stride, hi - lo, activate))
-    return mx.concatenate(parts, axis=1)
+
+    def band(lo: int, hi: int) -> mx.array:  # output rows [lo, hi) read input rows lo*stride ... (hi-1)*stride+k
+        return _taps(padded[:, lo * stride : (hi - 1) * stride + k], weight, bias, stride, hi - lo, activate)
+
+    return _by_rows(h_out, band)
 
 
 def _conv(c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
