@@ -5,6 +5,11 @@
 writes OUT/hf (a transformers `fast_vlm` checkpoint) and OUT/mlx (converted). Seeded; the
 loss is on the answer tokens and `<|im_end|>` only. Each image is encoded once per step and
 its vision tokens are shared by all of its questions.
+
+Pruning-aware: on a share of the steps the vision tokens go through one of the `pruners`
+methods (their PyTorch twins, the same tokens as at inference) at a random keep ratio, so the
+LLM learns to answer from any spatially ordered subset or merge of the grid, not only from all
+of it.
 """
 
 import math
@@ -17,9 +22,12 @@ import torch
 
 import fastvlm_mlx  # noqa: F401  (preloads MKL before anything imports mlx)
 from bench import easyvqa
+from bench.torch_pipeline import encode_image
+from bench.torch_pruners import torch_prune
 from bench.synthetic import build_reference, make_tokenizer, save_checkpoint
 from convert.convert import convert
 from fastvlm_mlx.prompt import SYSTEM_PROMPT
+from pruners.registry import get_pruner
 
 IMAGE_SIZE = 128
 # fastvit_mci3 with one block per stage and two downsampling stages: stride 16, so 128x128
@@ -38,6 +46,10 @@ TEXT_ARGS = dict(
     tie_word_embeddings=True,
 )
 VOCAB_SIZE = 400
+# Per step: no pruning with probability UNPRUNED_SHARE, else a uniformly drawn method and ratio.
+UNPRUNED_SHARE = 0.4
+TRAIN_KEEP_RATIOS = (0.5, 0.25, 0.125)
+TRAIN_PRUNERS = ("attention", "divprune", "norm", "pool", "random", "similarity", "visionzip")
 
 
 def build_tokenizer(directory: Path, data: easyvqa.Split):
@@ -73,13 +85,18 @@ class Batches:
         return dict(pixels=pixels, slots=slots, ids=ids, target=target, questions=torch.tensor(questions))
 
 
-def answer_logits(model, before: list[int], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_logits(
+    model, before: list[int], batch: dict[str, torch.Tensor], pruner: str | None = None, keep_ratio: float = 1.0, seed=0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at the positions that predict answer tokens, and those tokens: (T, V), (T,).
 
     The prompt up to and including the image is run once per image; its KV cache is then
     copied to each of that image's questions (the same causal attention as a full sequence).
     """
-    vision = model.model.vision_tower(batch["pixels"]).last_hidden_state.flatten(2).transpose(1, 2)
+    scored = pruner is not None and keep_ratio < 1 and get_pruner(pruner).needs_scores
+    vision, scores = encode_image(model, batch["pixels"], scored)
+    if pruner is not None:
+        vision = torch_prune(pruner, vision, keep_ratio, None if scores is None else scores.detach(), seed=seed)[0]
     image = model.model.multi_modal_projector(vision)  # (B, N, H)
     embed = model.get_input_embeddings()
     prefix = torch.cat([embed(torch.tensor([before])).expand(len(image), -1, -1), image], dim=1)
@@ -112,14 +129,23 @@ def optimizer_for(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
 
 
+def pruning_for(rng: np.random.Generator) -> tuple[str | None, float]:
+    """The pruner and keep ratio a training step uses (None, 1.0: all tokens)."""
+    if rng.random() < UNPRUNED_SHARE:
+        return None, 1.0
+    return str(rng.choice(TRAIN_PRUNERS)), float(rng.choice(TRAIN_KEEP_RATIOS))
+
+
 @torch.no_grad()
-def evaluate(model, batches: Batches, images_per_batch: int = 64) -> easyvqa.Scored:
+def evaluate(
+    model, batches: Batches, pruner: str | None = None, keep_ratio: float = 1.0, images_per_batch: int = 64
+) -> easyvqa.Scored:
     """Teacher-forced greedy answers of the PyTorch model (in eval mode), per question."""
     predicted: list[tuple[int, ...]] = [()] * len(batches.sequences)
     images = sorted(batches.by_image)
     for i in range(0, len(images), images_per_batch):
         batch = batches.make(images[i : i + images_per_batch])
-        logits, _ = answer_logits(model, batches.before, batch)
+        logits, _ = answer_logits(model, batches.before, batch, pruner, keep_ratio)
         best = iter(logits.argmax(-1).tolist())
         for q in batch["questions"].tolist():
             predicted[q] = tuple(next(best) for _ in range(batches.lengths[q]))
@@ -143,7 +169,7 @@ def write_processor_config(directory: Path) -> None:
 
 def train(out: Path, epochs: int, images_per_batch: int, lr: float, seed: int, max_steps: int | None) -> Path:
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    rng, prune_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
     hf_dir, mlx_dir = out / "hf", out / "mlx"
     hf_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -165,7 +191,8 @@ def train(out: Path, epochs: int, images_per_batch: int, lr: float, seed: int, m
             if step >= total:
                 break
             batch = train_batches.make([int(x) for x in order[i : i + images_per_batch]])
-            logits, tokens = answer_logits(model, train_batches.before, batch)
+            pruner, keep_ratio = pruning_for(prune_rng)
+            logits, tokens = answer_logits(model, train_batches.before, batch, pruner, keep_ratio, seed=step)
             loss = torch.nn.functional.cross_entropy(logits, tokens)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -186,7 +213,9 @@ def train(out: Path, epochs: int, images_per_batch: int, lr: float, seed: int, m
                 loss_sum, hit_sum, seen = 0.0, 0, 0
 
     model.eval()
-    click.echo(f"test accuracy (torch, teacher-forced = greedy): {evaluate(model, test_batches).accuracy:.4f}")
+    for pruner, keep_ratio in ((None, 1.0), ("norm", 0.5), ("random", 0.125)):
+        accuracy = evaluate(model, test_batches, pruner, keep_ratio).accuracy
+        click.echo(f"test accuracy, {pruner or 'unpruned'} {keep_ratio:g} (torch, teacher-forced = greedy): {accuracy:.4f}")
     save_checkpoint(model, tokenizer, hf_dir, tokenizer.convert_tokens_to_ids("<|im_end|>"))
     write_processor_config(hf_dir)
     convert(hf_dir, mlx_dir, force=True)
