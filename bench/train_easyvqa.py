@@ -22,9 +22,9 @@ import torch
 
 import fastvlm_mlx  # noqa: F401  (preloads MKL before anything imports mlx)
 from bench import easyvqa
+from bench.synthetic import build_reference, make_tokenizer, save_checkpoint
 from bench.torch_pipeline import encode_image
 from bench.torch_pruners import torch_prune
-from bench.synthetic import build_reference, make_tokenizer, save_checkpoint
 from convert.convert import convert
 from fastvlm_mlx.prompt import SYSTEM_PROMPT
 from pruners.registry import get_pruner
@@ -215,7 +215,8 @@ def train(out: Path, epochs: int, images_per_batch: int, lr: float, seed: int, m
     model.eval()
     for pruner, keep_ratio in ((None, 1.0), ("norm", 0.5), ("random", 0.125)):
         accuracy = evaluate(model, test_batches, pruner, keep_ratio).accuracy
-        click.echo(f"test accuracy, {pruner or 'unpruned'} {keep_ratio:g} (torch, teacher-forced = greedy): {accuracy:.4f}")
+        setting = f"{pruner or 'unpruned'} {keep_ratio:g}"
+        click.echo(f"test accuracy, {setting} (torch, teacher-forced = greedy): {accuracy:.4f}")
     save_checkpoint(model, tokenizer, hf_dir, tokenizer.convert_tokens_to_ids("<|im_end|>"))
     write_processor_config(hf_dir)
     convert(hf_dir, mlx_dir, force=True)
