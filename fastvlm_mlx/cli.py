@@ -9,13 +9,14 @@ from dataclasses import asdict
 
 import click
 
-from fastvlm_mlx import BLAS, __version__
+from fastvlm_mlx import BLAS, NATIVE_JIT, __version__
 
 
 def _version_text() -> str:
     import mlx.core as mx
 
-    return f"fastvlm-mlx {__version__}, mlx {mx.__version__} on {mx.default_device()}, BLAS: {BLAS}"
+    jit = "-march=native" if NATIVE_JIT else "MLX's own flags"
+    return f"fastvlm-mlx {__version__}, mlx {mx.__version__} on {mx.default_device()}, BLAS: {BLAS}, CPU kernels: {jit}"
 
 
 def _fail_cleanly(fn):

@@ -27,6 +27,7 @@ exec "{real}" "$@"
 """
 
 NATIVE_JIT = False
+CACHE_LIMIT = None  # bytes, once keep_freed_buffers raised it
 
 
 def use_native_jit() -> bool:
@@ -52,7 +53,9 @@ def keep_freed_buffers(fraction: float = 0.25) -> None:
     """On the CPU, let MLX's allocator keep up to `fraction` of RAM in freed buffers."""
     import mlx.core as mx
 
+    global CACHE_LIMIT
     if mx.default_device() != mx.cpu or not hasattr(os, "sysconf"):
         return
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    mx.set_cache_limit(max(mx.set_cache_limit(0), int(ram * fraction)))
+    CACHE_LIMIT = max(mx.set_cache_limit(0), int(ram * fraction))
+    mx.set_cache_limit(CACHE_LIMIT)
