@@ -1,4 +1,4 @@
-"""The vision tower's own ops against MLX's reference ops: grouped conv and erf GELU."""
+"""The vision tower's own ops against MLX's reference ops: grouped conv, erf GELU, exp and attention."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -54,3 +54,15 @@ def test_tower_batches_and_sizes():
     assert tokens.shape == (2, 6, 256) and scores.shape == (2, 6)
     single, _ = tower(pixels[1:])
     assert mx.allclose(tokens[1:], single, atol=1e-5).item()
+
+
+def test_exp_for_softmax_is_within_1e6_absolute():
+    t = mx.concatenate([mx.linspace(-100, 0, 1_000_001), mx.array([-float("inf")])])
+    assert mx.abs(vision._exp_nonpositive(t) - mx.exp(t)).max().item() < 1.5e-6
+    assert vision._exp_nonpositive(mx.array([-float("inf"), -41.0])).tolist() == [0.0, 0.0]
+
+
+def test_cpu_attention_matches_fused_attention():
+    q, k, v = (mx.random.normal((2, 3, 70, 16), key=mx.random.key(i)) * 2 for i in range(3))
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25)
+    assert mx.abs(vision.cpu_attention(q, k, v, 0.25) - expected).max().item() < 1e-5
