@@ -4,70 +4,13 @@ Parameter names follow timm's `fastvit` so the key map stays short. BatchNorm an
 scale are folded into the neighbouring convs by the converter, so there are none here.
 """
 
-import math
 import os
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from fastvlm_mlx.config import VisionConfig
-
-# erf(z) on [-4, 4] as z * P(z^2) / Q(z^2) (Eigen's float32 fit, lowest power first).
-_ERF_P = (-1.60960333262415e-02, -2.95459980854025e-03, -7.34990630326855e-04, -5.69250639462346e-05)
-_ERF_P += (-2.10102402082508e-06, 2.77068142495902e-08, -2.72614225801306e-10)
-_ERF_Q = (-1.42647390514189e-02, -7.37332916720468e-03, -1.68282697438203e-03, -2.13374055278905e-04)
-_ERF_Q += (-1.45660718464996e-05,)
-# GELU(x) = x/2 (1 + erf(x / sqrt 2)) = x/2 + u P'(u) / Q'(u) with u = x^2, the 1/sqrt 2 and 1/2
-# folded into the coefficients. Beyond |x| = 4 sqrt 2, float32 erf is exactly +-1: GELU is x or 0.
-_GELU_P = tuple(0.5 * c / (2**0.5 * 2**i) for i, c in enumerate(_ERF_P))
-_GELU_Q = tuple(c / 2**i for i, c in enumerate(_ERF_Q))
-_GELU_TAIL = 4 * 2**0.5
-
-
-def _polynomial(coeffs: tuple[float, ...], t: mx.array) -> mx.array:
-    """Estrin's scheme. The graph stays shallow (MLX fuses at most 11 levels into one kernel,
-    constants included), so the whole GELU compiles to one contiguous loop."""
-    terms = [coeffs[i] + coeffs[i + 1] * t for i in range(0, len(coeffs) - 1, 2)]
-    terms += [coeffs[-1]] if len(coeffs) % 2 else []
-    power = t * t
-    while len(terms) > 1:
-        pairs = range(0, len(terms) - 1, 2)
-        terms = [terms[i] + terms[i + 1] * power for i in pairs] + ([terms[-1]] if len(terms) % 2 else [])
-        power = power * power
-    return terms[0]
-
-
-def _exact_gelu(x: mx.array) -> mx.array:
-    """Selects, not clip: MLX's CPU min/max test for NaN, which keeps GCC from vectorizing."""
-    u = x * x
-    inner = 0.5 * x + u * (_polynomial(_GELU_P, u) / _polynomial(_GELU_Q, u))
-    return mx.where(x > _GELU_TAIL, x, mx.where(x < -_GELU_TAIL, 0.0, inner))
-
-
-# Not shapeless: MLX then emits a generic strided loop, ~5x slower on CPU.
-_compiled_gelu = mx.compile(_exact_gelu)
-
-# exp(t) for t <= 0 as P(t)^16, P the degree-7 Taylor polynomial of exp(t / 16); below -40 the
-# result is 0. Absolute error < 1e-6 (relative ~1e-6 near 0, growing where exp(t) is tiny).
-_EXP_TAYLOR = tuple(1 / (math.factorial(i) * 16**i) for i in range(8))
-
-
-@mx.compile
-def _exp_nonpositive(t: mx.array) -> mx.array:
-    t = mx.where(t < -40.0, -40.0, t)
-    p = _polynomial(_EXP_TAYLOR, t)
-    for _ in range(4):
-        p = p * p
-    return mx.where(t <= -40.0, 0.0, p)
-
-
-def cpu_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """Softmax attention, (B, heads, N, d) each, for MLX's CPU backend, whose exp is scalar code
-    (its softmax over 24 x 1024 x 1024 scores takes 0.25 s): max-shifted scores go through a
-    compiled, vectorized exp, and the normalization comes after @ v, on the small side."""
-    scores = (q * scale) @ k.swapaxes(-1, -2)
-    weights = _exp_nonpositive(scores - scores.max(axis=-1, keepdims=True))
-    return (weights @ v) / weights.sum(axis=-1, keepdims=True)
+from fastvlm_mlx.fastmath import attention, exact_gelu, gelu
 
 
 @mx.compile
@@ -86,7 +29,7 @@ def _taps(padded: mx.array, weight: mx.array, bias: mx.array, stride: int, h_out
             term = window * taps[:, :, i, j]
             out = term if out is None else out + term
     out = out.reshape(B, h_out, w_out, c_out) + bias
-    return _exact_gelu(out) if activate else out
+    return exact_gelu(out) if activate else out
 
 
 _STREAMS: list = []
@@ -118,12 +61,6 @@ def _by_rows(rows: int, run) -> mx.array:
         with mx.stream(stream):
             parts.append(run(lo, hi))
     return mx.concatenate(parts, axis=1)
-
-
-def gelu(x: mx.array) -> mx.array:
-    """Exact (erf) GELU to ~1.5e-6 absolute: one compiled, vectorizable loop (MLX's CPU erf is
-    scalar code). Not split across CPU streams: the loop is memory-bound once vectorized."""
-    return _compiled_gelu(x)
 
 
 def grouped_conv(
@@ -218,7 +155,7 @@ class Attention(nn.Module):
         q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
         if not with_scores:
             if mx.default_device() == mx.cpu:
-                out = cpu_attention(q, k, v, self.scale)
+                out = attention(q, k, v, self.scale)
             else:
                 out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
             received = None

@@ -1,0 +1,70 @@
+"""GELU, exp and attention written for MLX's CPU, against MLX's own ops."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm.models import qwen2
+from mlx_lm.models.cache import make_prompt_cache
+
+from fastvlm_mlx import fastmath
+
+
+def test_gelu_matches_exact_gelu_over_the_real_line():
+    x = np.concatenate([np.linspace(-12, 12, 1_000_001), np.geomspace(12, 1e30, 1000), -np.geomspace(12, 1e30, 1000)])
+    x = mx.array(x.astype(np.float32))
+    assert mx.abs(fastmath.gelu(x) - nn.gelu(x)).max().item() < 2e-6
+    tails = mx.array([0.0, 1e30, -1e30, 5.66, -5.66, 5.66 * 2, -5.66 * 2])
+    assert mx.array_equal(fastmath.gelu(tails), nn.gelu(tails)).item()
+    assert mx.isnan(fastmath.gelu(mx.array([float("nan")]))).item()
+
+
+def test_exp_for_softmax_is_within_1e6_absolute():
+    t = mx.concatenate([mx.linspace(-100, 0, 1_000_001), mx.array([-float("inf")])])
+    assert mx.abs(fastmath.exp_nonpositive(t) - mx.exp(t)).max().item() < 1.5e-6
+    assert fastmath.exp_nonpositive(mx.array([-float("inf"), -41.0])).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("heads, kv_heads, L, S", [(3, 3, 70, 70), (6, 2, 9, 9), (6, 2, 4, 11), (4, 1, 1, 13)])
+@pytest.mark.parametrize("mask", [None, "causal", "bool", "additive"])
+def test_attention_matches_fused_attention(heads, kv_heads, L, S, mask):
+    q = mx.random.normal((2, heads, L, 16), key=mx.random.key(0)) * 2
+    k, v = (mx.random.normal((2, kv_heads, S, 16), key=mx.random.key(i)) * 2 for i in (1, 2))
+    if mask in ("bool", "additive"):
+        attends = mx.random.uniform(shape=(L, S), key=mx.random.key(3)) > 0.3
+        attends = attends | (mx.arange(S)[None] == 0)  # every query attends somewhere
+        mask = attends if mask == "bool" else mx.where(attends, 0.0, -1e9)
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+    assert mx.abs(fastmath.attention(q, k, v, 0.25, mask) - expected).max().item() < 1e-5
+
+
+def test_qwen2_routed_through_our_attention_gives_the_same_logits(monkeypatch):
+    """Prefill with a cache, then decode steps: the routed mlx-lm Qwen2 equals its own attention."""
+    args = qwen2.ModelArgs(
+        model_type="qwen2",
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=96,
+        num_attention_heads=4,
+        rms_norm_eps=1e-6,
+        vocab_size=50,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    mx.random.seed(0)
+    model = qwen2.Model(args)
+    ids = mx.array([[1, 5, 9, 2, 7, 7, 3, 11, 4]])
+
+    def run():
+        cache = make_prompt_cache(model)
+        logits = [model(ids[:, :6], cache=cache)]
+        logits += [model(ids[:, i : i + 1], cache=cache) for i in range(6, 9)]
+        return mx.concatenate(logits, axis=1)
+
+    fastmath.use_for_mlx_lm_qwen2()
+    routed = run()
+    assert getattr(qwen2.scaled_dot_product_attention, "routed_by_fastvlm_mlx", False)
+    from mlx_lm.models import base
+
+    monkeypatch.setattr(qwen2, "scaled_dot_product_attention", base.scaled_dot_product_attention)
+    assert mx.abs(routed - run()).max().item() < 1e-4
