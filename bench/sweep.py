@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from bench.quality import answer_correct, compare_runs
-from fastvlm_mlx import BLAS, NATIVE_JIT, __version__, cpu
+from fastvlm_mlx import BLAS, __version__, cpu
 from fastvlm_mlx.errors import UserError
 from fastvlm_mlx.generate import generate
 from fastvlm_mlx.load import load_model
@@ -112,7 +112,7 @@ def environment(torch_device) -> dict:
         "numpy": np.__version__,
         "mlx_device": str(mx.default_device()),
         "blas": BLAS,
-        "jit_march_native": NATIVE_JIT,
+        "jit_march_native": cpu.NATIVE_JIT,
         "mlx_cache_limit_bytes": cpu.CACHE_LIMIT,
         "cpu_count": os.cpu_count(),
         "machine": platform.platform(),

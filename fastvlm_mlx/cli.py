@@ -9,13 +9,13 @@ from dataclasses import asdict
 
 import click
 
-from fastvlm_mlx import BLAS, NATIVE_JIT, __version__
+from fastvlm_mlx import BLAS, __version__, cpu
 
 
 def _version_text() -> str:
     import mlx.core as mx
 
-    jit = "-march=native" if NATIVE_JIT else "MLX's own flags"
+    jit = "-march=native" if cpu.NATIVE_JIT else "MLX's own flags"
     return f"fastvlm-mlx {__version__}, mlx {mx.__version__} on {mx.default_device()}, BLAS: {BLAS}, CPU kernels: {jit}"
 
 
@@ -38,6 +38,7 @@ def _fail_cleanly(fn):
 
 def _print_version(ctx: click.Context, _param, value: bool) -> None:
     if value and not ctx.resilient_parsing:
+        cpu.tune_cpu()
         click.echo(_version_text())
         ctx.exit()
 

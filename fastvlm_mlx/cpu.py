@@ -1,61 +1,88 @@
-"""Two settings that make MLX's CPU backend much faster on Linux (no effect on Metal or CUDA).
+"""Settings that make MLX's CPU backend much faster on Linux; `tune_cpu` applies them (no effect
+on Metal or CUDA). `load_model` calls it; so do the benchmarks that build models themselves.
 
 - Kernel compiler flags. `mx.compile` turns elementwise graphs into C++ that MLX builds with
   `g++ -O3` for the baseline ISA (SSE2 on x86-64): GCC then leaves selects scalar and uses
-  4-wide vectors at best. A `g++` wrapper put first on PATH adds `-march=native` to MLX's own
-  kernel builds; every other g++ call passes through unchanged. Kernels MLX compiled before
-  (cached in $TMPDIR/mlx) are reused as they are; delete that folder to rebuild them.
+  4-wide vectors at best. A `g++` wrapper put first on this process's PATH adds `-march=native`
+  to MLX's own kernel builds; every other g++ call passes through unchanged. MLX caches built
+  kernels in $TMPDIR/mlx whatever flags built them: delete that folder to rebuild them.
+  FASTVLM_MLX_NO_NATIVE_JIT=1 keeps MLX's own flags.
 - Buffer cache. MLX's CPU allocator keeps at most 32 MB of freed buffers, so every larger
   intermediate comes back as fresh pages from the OS and page faults dominate elementwise
-  work (`x * 2` on a 50 MB array: 22 ms, 3 ms with the cache).
-
-Set FASTVLM_MLX_NO_NATIVE_JIT=1 to keep MLX's own flags. This module must not import mlx.
+  work (`x * 2` on a 50 MB array: 22 ms, 3 ms with the cache). Raised to a quarter of the
+  memory this process may use, at most 4 GiB.
 """
 
 import atexit
 import os
+import platform
+import shlex
 import shutil
 import sys
 import tempfile
 
+_WRAPPER_PREFIX = "fastvlm-mlx-jit-"
 _WRAPPER = """#!/bin/sh
 # fastvlm-mlx: MLX's JIT kernel builds get -march=native; any other g++ call is unchanged.
 case "$*" in
-  *-fPIC\\ -shared*/mlx/*) exec "{real}" -march=native "$@" ;;
+  *-fPIC\\ -shared*/mlx/*) exec {real} -march=native "$@" ;;
 esac
-exec "{real}" "$@"
+exec {real} "$@"
 """
+_MAX_CACHE = 4 << 30
 
 NATIVE_JIT = False
-CACHE_LIMIT = None  # bytes, once keep_freed_buffers raised it
+CACHE_LIMIT = None  # bytes, once tune_cpu raised it
 
 
 def use_native_jit() -> bool:
-    """Put the g++ wrapper first on PATH (Linux with g++ only); True when it is in place."""
+    """Put the g++ wrapper first on PATH (Linux x86-64/arm64 with g++); True when in place."""
     global NATIVE_JIT
-    if NATIVE_JIT or not sys.platform.startswith("linux") or os.environ.get("FASTVLM_MLX_NO_NATIVE_JIT"):
+    if NATIVE_JIT or os.environ.get("FASTVLM_MLX_NO_NATIVE_JIT"):
         return NATIVE_JIT
-    real = shutil.which("g++")
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "aarch64"):
+        return False
+    path = os.environ.get("PATH", os.defpath).split(os.pathsep)
+    path = [p for p in path if not os.path.basename(p).startswith(_WRAPPER_PREFIX)]  # a parent's wrapper
+    real = shutil.which("g++", path=os.pathsep.join(path))
     if real is None:
         return False
-    folder = tempfile.mkdtemp(prefix="fastvlm-mlx-jit-")
+    folder = tempfile.mkdtemp(prefix=_WRAPPER_PREFIX)
     wrapper = os.path.join(folder, "g++")
     with open(wrapper, "w") as f:
-        f.write(_WRAPPER.format(real=real))
+        f.write(_WRAPPER.format(real=shlex.quote(real)))
     os.chmod(wrapper, 0o755)
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    os.environ["PATH"] = folder + os.pathsep + os.environ.get("PATH", "")
+    owner = os.getpid()
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
+    os.environ["PATH"] = os.pathsep.join([folder, *path])
     NATIVE_JIT = True
     return True
 
 
-def keep_freed_buffers(fraction: float = 0.25) -> None:
-    """On the CPU, let MLX's allocator keep up to `fraction` of RAM in freed buffers."""
+def _usable_memory() -> int:
+    """Physical memory, or the cgroup's limit when lower (containers)."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit) as f:
+                memory = min(memory, int(f.read().strip()))
+        except (OSError, ValueError):  # missing, or "max"
+            continue
+    return memory
+
+
+def keep_freed_buffers() -> None:
+    """On the CPU, let MLX's allocator keep freed buffers (never lowers a limit already set)."""
     import mlx.core as mx
 
     global CACHE_LIMIT
     if mx.default_device() != mx.cpu or not hasattr(os, "sysconf"):
         return
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    CACHE_LIMIT = max(mx.set_cache_limit(0), int(ram * fraction))
+    current = mx.set_cache_limit(0)
+    CACHE_LIMIT = max(current, min(_usable_memory() // 4, _MAX_CACHE))
     mx.set_cache_limit(CACHE_LIMIT)
+
+
+def tune_cpu() -> None:
+    use_native_jit()
+    keep_freed_buffers()

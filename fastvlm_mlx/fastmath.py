@@ -38,10 +38,12 @@ def polynomial(coeffs: tuple[float, ...], t: mx.array) -> mx.array:
 
 
 def exact_gelu(x: mx.array) -> mx.array:
-    """Erf GELU to ~1.5e-6 absolute, as a graph to fuse (inside other compiled functions)."""
-    u = x * x
-    inner = 0.5 * x + u * (polynomial(_GELU_P, u) / polynomial(_GELU_Q, u))
-    return mx.where(x > _GELU_TAIL, x, mx.where(x < -_GELU_TAIL, 0.0, inner))
+    """Erf GELU to ~1.5e-6 absolute, as a graph to fuse (inside other compiled functions).
+    Computed in float32 (x^8 overflows float16)."""
+    x32 = x.astype(mx.float32)
+    u = x32 * x32
+    inner = 0.5 * x32 + u * (polynomial(_GELU_P, u) / polynomial(_GELU_Q, u))
+    return mx.where(x32 > _GELU_TAIL, x32, mx.where(x32 < -_GELU_TAIL, 0.0, inner)).astype(x.dtype)
 
 
 # Not shapeless: MLX then emits a generic strided loop, ~5x slower on CPU.
@@ -50,7 +52,7 @@ gelu = mx.compile(exact_gelu)
 
 @mx.compile
 def exp_nonpositive(t: mx.array) -> mx.array:
-    """exp(t) for t <= 0 (-inf included) to < 1.5e-6 absolute: what softmax needs."""
+    """exp(t) for float32 t <= 0 (-inf included) to < 1.5e-6 absolute: what softmax needs."""
     t = mx.where(t < -40.0, -40.0, t)
     p = polynomial(_EXP_TAYLOR, t)
     for _ in range(4):
@@ -58,32 +60,36 @@ def exp_nonpositive(t: mx.array) -> mx.array:
     return mx.where(t <= -40.0, 0.0, p)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None = None) -> mx.array:
     """Softmax attention over q (B, H, L, d), k and v (B, Hk, S, d) with H a multiple of Hk.
 
-    mask: None, "causal" (the L queries are the last L of the S positions), a boolean array
-    (True attends) or an additive one, broadcastable to (L, S). Max-shifted scores go through
-    `exp_nonpositive`; the normalization comes after @ v, on the small side.
+    mask: None, "causal" (the L queries are the last L of the S positions), or a boolean
+    (True attends) or additive array of shape (L, S). Scores and softmax are float32;
+    max-shifted scores go through `exp_nonpositive`, and the normalization comes after @ v.
     """
     B, H, L, d = q.shape
     groups = H // k.shape[1]
-    if groups > 1:  # grouped-query attention: each key head serves `groups` query heads
+    if groups > 1:  # grouped-query attention: query head h reads key head h // groups
         q, k, v = q.reshape(B, -1, groups, L, d), k[:, :, None], v[:, :, None]
-    scores = (q * scale) @ k.swapaxes(-1, -2)
+    scores = ((q * scale) @ k.swapaxes(-1, -2)).astype(mx.float32)
     if isinstance(mask, str):
         S = scores.shape[-1]
         mask = mx.arange(S)[None] <= mx.arange(S - L, S)[:, None]
     if mask is not None:
-        scores = mx.where(mask, scores, -mx.inf) if mask.dtype == mx.bool_ else scores + mask
+        if mask.ndim > 2:
+            raise ValueError(f"attention takes (L, S) masks, not {mask.shape}")
+        lowest = mx.finfo(mx.float32).min  # a fully masked row stays finite, as in mx.fast
+        scores = mx.where(mask, scores, lowest) if mask.dtype == mx.bool_ else scores + mask.astype(mx.float32)
     weights = exp_nonpositive(scores - scores.max(axis=-1, keepdims=True))
-    out = (weights @ v) / weights.sum(axis=-1, keepdims=True)
-    return out.reshape(B, H, L, d)
+    out = (weights @ v.astype(mx.float32)) / weights.sum(axis=-1, keepdims=True)
+    return out.reshape(B, H, L, d).astype(q.dtype)
 
 
 def use_for_mlx_lm_qwen2() -> None:
-    """Route mlx-lm's Qwen2 attention through `attention` on the CPU (prefill of a 0.5B model
-    spends ~0.2 s in scalar exp otherwise). Elsewhere, and for quantized KV caches, attention
-    sinks or masks of other shapes, mlx-lm's own function runs. Idempotent."""
+    """Route mlx-lm's Qwen2 prefill attention through `attention` on the CPU (a 0.5B model's
+    prefill spends ~0.2 s in scalar exp otherwise). Decode steps, other devices, quantized KV
+    caches, attention sinks and batched (4-D) masks keep mlx-lm's own function. Process-wide
+    (mlx-lm looks the function up in its qwen2 module); idempotent."""
     from mlx_lm.models import base, qwen2
 
     if getattr(qwen2.scaled_dot_product_attention, "routed_by_fastvlm_mlx", False):
@@ -91,7 +97,14 @@ def use_for_mlx_lm_qwen2() -> None:
 
     def routed(queries, keys, values, cache, scale, mask, sinks=None):
         plain_mask = mask is None or isinstance(mask, str) or mask.ndim <= 2
-        if mx.default_device() != mx.cpu or sinks is not None or hasattr(cache, "bits") or not plain_mask:
+        prefill = queries.shape[2] > 1  # decode would recompile the exp for every new length
+        if (
+            mx.default_device() != mx.cpu
+            or sinks is not None
+            or hasattr(cache, "bits")
+            or not plain_mask
+            or not prefill
+        ):
             return base.scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks)
         return attention(queries, keys, values, scale, mask)
 

@@ -5,7 +5,7 @@ import mlx.nn as nn
 from mlx_lm.models import qwen2
 
 from fastvlm_mlx.config import FastVLMConfig
-from fastvlm_mlx.fastmath import gelu, use_for_mlx_lm_qwen2
+from fastvlm_mlx.fastmath import gelu
 from fastvlm_mlx.vision import FastViT
 
 
@@ -29,7 +29,6 @@ class FastVLM(nn.Module):
         self.vision_tower = FastViT(config.vision)
         self.projector = Projector(config.vision.num_features, text_args.hidden_size)
         self.language_model = qwen2.Model(text_args)
-        use_for_mlx_lm_qwen2()
 
     def encode_image(self, pixels: mx.array, with_scores: bool = False):
         """pixels (B, H, W, 3) in [0, 1] -> vision tokens (B, N, D) and optional scores (B, N)."""
