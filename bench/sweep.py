@@ -104,6 +104,16 @@ def dataset_items(spec: str) -> list[Item]:
     return items[:limit]
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows."""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            return names[0]
+    return platform.processor() or platform.machine()
+
+
 def environment(torch_device) -> dict:
     env = {
         "fastvlm_mlx": __version__,
@@ -116,7 +126,7 @@ def environment(torch_device) -> dict:
         "mlx_cache_limit_bytes": cpu.CACHE_LIMIT,
         "cpu_count": os.cpu_count(),
         "machine": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
     }
     if torch_device is not None:
         import torch

@@ -27,7 +27,7 @@ from bench.torch_pipeline import encode_image
 from bench.torch_pruners import torch_prune
 from convert.convert import convert
 from fastvlm_mlx.prompt import SYSTEM_PROMPT
-from pruners.registry import get_pruner
+from pruners import PRUNERS, needs_scores
 
 IMAGE_SIZE = 128
 # fastvit_mci3 with one block per stage and two downsampling stages: stride 16, so 128x128
@@ -51,7 +51,7 @@ LR, PRUNE_LR = 5e-4, 2e-4  # peaks of the two phases' cosine schedules
 # Phase 2, per step: no pruning with probability UNPRUNED_SHARE, else a uniformly drawn method and ratio.
 UNPRUNED_SHARE = 0.4
 TRAIN_KEEP_RATIOS = (0.5, 0.25, 0.125)
-TRAIN_PRUNERS = ("attention", "divprune", "norm", "pool", "random", "similarity", "visionzip")
+TRAIN_PRUNERS = tuple(sorted(PRUNERS))  # every method, in a fixed order (the draws depend on it)
 
 
 def build_tokenizer(directory: Path, data: easyvqa.Split):
@@ -95,7 +95,7 @@ def answer_logits(
     The prompt up to and including the image is run once per image; its KV cache is then
     copied to each of that image's questions (the same causal attention as a full sequence).
     """
-    scored = pruner is not None and keep_ratio < 1 and get_pruner(pruner).needs_scores
+    scored = needs_scores(pruner, keep_ratio)
     vision, scores = encode_image(model, batch["pixels"], scored)
     if pruner is not None:
         vision = torch_prune(pruner, vision, keep_ratio, None if scores is None else scores.detach(), seed=seed)[0]

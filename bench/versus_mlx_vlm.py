@@ -20,11 +20,9 @@ mlx-lm, requests and what they pull in):
         --out bench-results/versus-mlx-vlm.json
 """
 
-import fastvlm_mlx  # noqa: I001  first: preloads MKL before anything imports mlx
+import fastvlm_mlx  # noqa: F401, I001  first: preloads MKL before anything imports mlx
 
 import json
-import os
-import platform
 import re
 import statistics
 import time
@@ -43,6 +41,7 @@ from mlx_vlm.models.fastvlm.language import LanguageModel
 from mlx_vlm.models.fastvlm.vision import VisionModel
 
 from bench.profile_vision import random_tower
+from bench.sweep import environment
 from fastvlm_mlx import cpu
 from fastvlm_mlx.config import VisionConfig
 from fastvlm_mlx.fastmath import use_for_mlx_lm_qwen2
@@ -111,14 +110,6 @@ def summary(times: list[float]) -> dict:
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "all": times}
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
-
-
 @click.command()
 @click.option("--runs", default=3, show_default=True)
 @click.option("--warmup", default=1, show_default=True)
@@ -168,10 +159,8 @@ def main(runs: int, warmup: int, size: int, tokens: int, out: str, untuned: bool
     agreement = {"vision_max_abs_diff": diff[0], "vision_max_abs": mx.abs(outputs["ours"][0]).max().item()}
     agreement["prefill_logits_max_abs_diff"] = diff[1]
     result = {"size": size, "prefill_tokens": tokens, "runs": runs, "warmup": warmup, "seconds": seconds}
-    result |= {"ratio_mlx_vlm_over_ours": ratio, "agreement": agreement, "machine": machine()}
-    result["versions"] = {p: version(p) for p in ("mlx", "mlx-vlm", "mlx-lm", "fastvlm-mlx")}
-    result |= {"blas": fastvlm_mlx.BLAS, "native_jit": cpu.NATIVE_JIT, "cache_limit_bytes": cpu.CACHE_LIMIT}
-    result["device"] = str(mx.default_device())
+    result |= {"ratio_mlx_vlm_over_ours": ratio, "agreement": agreement, "environment": environment(None)}
+    result["versions"] = {p: version(p) for p in ("mlx-vlm", "mlx-lm")}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2))
 
