@@ -76,8 +76,8 @@ def keep_freed_buffers() -> None:
     import mlx.core as mx
 
     global CACHE_LIMIT
-    if mx.default_device() != mx.cpu or not hasattr(os, "sysconf"):
-        return
+    if CACHE_LIMIT is not None or mx.default_device() != mx.cpu or not hasattr(os, "sysconf"):
+        return  # once per process: reading the limit (set_cache_limit(0)) also empties the cache
     current = mx.set_cache_limit(0)
     CACHE_LIMIT = max(current, min(_usable_memory() // 4, _MAX_CACHE))
     mx.set_cache_limit(CACHE_LIMIT)
