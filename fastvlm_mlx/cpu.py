@@ -4,9 +4,10 @@ on Metal or CUDA). `load_model` calls it; so do the benchmarks that build models
 - Kernel compiler flags. `mx.compile` turns elementwise graphs into C++ that MLX builds with
   `g++ -O3` for the baseline ISA (SSE2 on x86-64): GCC then leaves selects scalar and uses
   4-wide vectors at best. A `g++` wrapper put first on this process's PATH adds `-march=native`
-  to MLX's own kernel builds; every other g++ call passes through unchanged. MLX caches built
-  kernels in $TMPDIR/mlx whatever flags built them: delete that folder to rebuild them.
-  FASTVLM_MLX_NO_NATIVE_JIT=1 keeps MLX's own flags.
+  to MLX's own kernel builds and gives strided kernels a vectorizable unit-stride loop
+  (`gxx.py`); every other g++ call passes through unchanged. MLX caches built kernels in
+  $TMPDIR/mlx by name only, so kernels found there that the wrapper did not build are deleted
+  once, to be rebuilt. FASTVLM_MLX_NO_NATIVE_JIT=1 keeps MLX's own flags and loops.
 - Buffer cache. MLX's CPU allocator keeps at most 32 MB of freed buffers, so every larger
   intermediate comes back as fresh pages from the OS and page faults dominate elementwise
   work (`x * 2` on a 50 MB array: 22 ms, 3 ms with the cache). Raised to a quarter of the
@@ -14,6 +15,7 @@ on Metal or CUDA). `load_model` calls it; so do the benchmarks that build models
 """
 
 import atexit
+import contextlib
 import os
 import platform
 import shlex
@@ -23,9 +25,9 @@ import tempfile
 
 _WRAPPER_PREFIX = "fastvlm-mlx-jit-"
 _WRAPPER = """#!/bin/sh
-# fastvlm-mlx: MLX's JIT kernel builds get -march=native; any other g++ call is unchanged.
+# fastvlm-mlx: MLX's JIT kernel builds go through gxx.py; any other g++ call is unchanged.
 case "$*" in
-  *-fPIC\\ -shared*/mlx/*) exec {real} -march=native "$@" ;;
+  *-fPIC\\ -shared*/mlx/*) exec {python} -I -S {script} {real} "$@" ;;
 esac
 exec {real} "$@"
 """
@@ -50,13 +52,43 @@ def use_native_jit() -> bool:
     folder = tempfile.mkdtemp(prefix=_WRAPPER_PREFIX)
     wrapper = os.path.join(folder, "g++")
     with open(wrapper, "w") as f:
-        f.write(_WRAPPER.format(real=shlex.quote(real)))
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gxx.py")
+        f.write(_WRAPPER.format(real=shlex.quote(real), python=shlex.quote(sys.executable), script=shlex.quote(script)))
     os.chmod(wrapper, 0o755)
     owner = os.getpid()
     atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
     os.environ["PATH"] = os.pathsep.join([folder, *path])
     NATIVE_JIT = True
+    _drop_stale_kernels()
     return True
+
+
+def kernel_folder() -> str:
+    """Where MLX keeps its built CPU kernels (std::filesystem::temp_directory_path's rule)."""
+    import mlx.core as mx
+
+    tmp = next((os.environ[v] for v in ("TMPDIR", "TMP", "TEMP", "TEMPDIR") if os.environ.get(v)), "/tmp")
+    return os.path.join(tmp, "mlx", mx.__version__, "cpu")
+
+
+def _drop_stale_kernels() -> None:
+    """Delete cached kernels that were not built through the wrapper: MLX finds them by name
+    only and would never rebuild them."""
+    from fastvlm_mlx.gxx import BUILT
+
+    folder = kernel_folder()
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    for name in names:
+        if not (name.startswith("lib") and name.endswith(".so")):
+            continue
+        try:
+            with open(os.path.join(folder, name[3:-3] + ".cpp")) as f:
+                if f.read(len(BUILT)) == BUILT:
+                    continue
+        except OSError:
+            pass  # no source: rebuild
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, name))
 
 
 def _usable_memory() -> int:

@@ -20,13 +20,15 @@ def _taps(padded: mx.array, weight: mx.array, bias: mx.array, stride: int, h_out
     B, _, Wp, C = padded.shape
     c_out, k = weight.shape[:2]
     w_out = (Wp - k) // stride + 1
-    taps = weight.reshape(C, c_out // C, k, k)  # output channel c * m + j reads input channel c
+    # taps[i, j] (C, m): output channel c * m + j reads input channel c; contiguous, so that the
+    # fused loop's innermost axis has stride 1 for every input
+    taps = mx.contiguous(weight.reshape(C, c_out // C, k, k).transpose(2, 3, 0, 1))
     padded = padded[..., None]
     out = None
     for i in range(k):
         for j in range(k):
             window = padded[:, i : i + stride * (h_out - 1) + 1 : stride, j : j + stride * (w_out - 1) + 1 : stride]
-            term = window * taps[:, :, i, j]
+            term = window * taps[i, j]
             out = term if out is None else out + term
     out = out.reshape(B, h_out, w_out, c_out) + bias
     return exact_gelu(out) if activate else out

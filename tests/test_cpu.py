@@ -10,7 +10,7 @@ import sys
 import mlx.core as mx
 import pytest
 
-from fastvlm_mlx import cpu
+from fastvlm_mlx import cpu, gxx
 
 MACROS = ["-dM", "-E", "-x", "c++", "/dev/null"]
 
@@ -54,3 +54,51 @@ def test_freed_buffers_are_kept_on_the_cpu():
     limit = mx.set_cache_limit(0)
     mx.set_cache_limit(limit)
     assert limit == cpu.CACHE_LIMIT > 32 << 20
+
+
+STRIDED = """
+import numpy as np, fastvlm_mlx, mlx.core as mx
+from fastvlm_mlx import cpu, gxx
+assert cpu.use_native_jit()
+rng = np.random.default_rng(0)
+x, w, t = (rng.standard_normal(s, dtype=np.float32) for s in [(9, 11, 8), (8,), (8, 11)])
+unit = mx.compile(lambda x, w: mx.exp(x[1:-1, 2:] * w + 0.5))  # inner stride 1 for all
+strided = mx.compile(lambda x, t: x[1:-1, 2:] * t.T[2:] - 1.0)  # t.T: inner stride 11
+got = [np.array(unit(mx.array(x), mx.array(w))), np.array(strided(mx.array(x), mx.array(t)))]
+want = [np.exp(x[1:-1, 2:] * w + 0.5), x[1:-1, 2:] * t.T[2:] - 1.0]
+print(max(float(np.abs(g - v).max() / np.abs(v).max()) for g, v in zip(got, want)))
+"""
+
+
+def test_strided_kernels_get_a_unit_stride_loop_and_stay_right(tmp_path):
+    """A slice times a per-channel vector (inner stride 1 everywhere: the new loop) and a slice
+    times a transposed input (inner stride 11: the original loop) give numpy's values."""
+    if shutil.which("g++") is None or not sys.platform.startswith("linux"):
+        pytest.skip("no g++ here")
+    env = {k: v for k, v in os.environ.items() if k != "FASTVLM_MLX_NO_NATIVE_JIT"}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if "fastvlm-mlx-jit" not in p)
+    env["TMPDIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", STRIDED], env=env, capture_output=True, text=True, check=True)
+    assert float(out.stdout) < 1e-6  # relative to the largest value
+    sources = [p.read_text() for p in (tmp_path / "mlx").rglob("*.cpp")]
+    assert sources and all(s.startswith(gxx.BUILT) for s in sources)
+    strided = [s for s in sources if "_strided_" in s]
+    assert len(strided) >= 2 and all(gxx.MARK in s and "#pragma GCC ivdep" in s for s in strided)
+
+
+def test_sources_the_rewrite_does_not_know_are_left_alone():
+    assert gxx.unit_stride_loop("int main() { return 0; }") == "int main() { return 0; }"
+    kernel = "void k_strided_1(int* shape, int64_t** strides, void** args) {\n  weird();\n}"
+    assert gxx.unit_stride_loop(kernel) == kernel
+
+
+def test_kernels_built_without_the_wrapper_are_dropped(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    folder = tmp_path / "mlx" / mx.__version__ / "cpu"
+    folder.mkdir(parents=True)
+    for name, source in [("old", "// MLX's own\n"), ("ours", gxx.BUILT + "\n"), ("lost", None)]:
+        (folder / f"lib{name}.so").write_bytes(b"")
+        if source is not None:
+            (folder / f"{name}.cpp").write_text(source)
+    cpu._drop_stale_kernels()
+    assert sorted(p.name for p in folder.glob("*.so")) == ["libours.so"]
