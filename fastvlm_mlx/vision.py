@@ -51,11 +51,11 @@ def _cpu_streams() -> list:
     return _STREAMS if len(_STREAMS) > 1 else []
 
 
-def _by_rows(rows: int, run) -> mx.array:
+def _by_rows(rows: int, run, split: bool = True) -> mx.array:
     """run(lo, hi) on row bands [lo, hi) of axis 1, one band per CPU stream, concatenated;
-    a single run(0, rows) off the CPU or when there are fewer rows than streams."""
+    a single run(0, rows) off the CPU, when there are fewer rows than streams, or unless split."""
     streams = _cpu_streams()
-    if not streams or rows < len(streams):
+    if not streams or rows < len(streams) or not split:
         return run(0, rows)
     cuts = [rows * i // len(streams) for i in range(len(streams) + 1)]
     parts = []
@@ -82,7 +82,7 @@ def grouped_conv(
     def band(lo: int, hi: int) -> mx.array:  # output rows [lo, hi) read input rows lo*stride ... (hi-1)*stride+k
         return _taps(padded[:, lo * stride : (hi - 1) * stride + k], weight, bias, stride, hi - lo, activate)
 
-    return _by_rows(h_out, band)
+    return _by_rows(h_out, band, split=k > 3)  # a 3x3 band saves less than the concatenation costs
 
 
 def _conv(c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
