@@ -21,6 +21,15 @@ _ERF_Q += (-1.45660718464996e-05,)
 _GELU_P = tuple(0.5 * c / (2**0.5 * 2**i) for i, c in enumerate(_ERF_P))
 _GELU_Q = tuple(c / 2**i for i, c in enumerate(_ERF_Q))
 _GELU_TAIL = 4 * 2**0.5
+# tanh(h) on [-7.9, 7.9] as h * P(h^2) / Q(h^2) (Eigen's float32 fit, lowest power first). SiLU(x) =
+# x sigmoid(x) = x/2 (1 + tanh(x/2)) = x/2 + u P'(u) / Q'(u) with u = x^2, the halvings folded in.
+# Beyond |x| = 2 * 7.9, float32 tanh is exactly +-1: SiLU is x or 0.
+_TANH_P = (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08)
+_TANH_P += (-8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16)
+_TANH_Q = (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06)
+_SILU_P = tuple(c / (4 * 4**i) for i, c in enumerate(_TANH_P))
+_SILU_Q = tuple(c / 4**i for i, c in enumerate(_TANH_Q))
+_SILU_TAIL = 2 * 7.90531110763549805
 # exp(t) for t <= 0 as P(t)^16, P the degree-7 Taylor polynomial of exp(t / 16); 0 below -40.
 _EXP_TAYLOR = tuple(1 / (math.factorial(i) * 16**i) for i in range(8))
 
@@ -48,6 +57,16 @@ def exact_gelu(x: mx.array) -> mx.array:
 
 # Not shapeless: MLX then emits a generic strided loop, ~5x slower on CPU.
 gelu = mx.compile(exact_gelu)
+
+
+@mx.compile
+def silu_mul(gate: mx.array, x: mx.array) -> mx.array:
+    """SiLU(gate) * x (SwiGLU) to ~3e-6 absolute for |gate| < 16, exact beyond; float32 inside."""
+    g = gate.astype(mx.float32)
+    u = g * g
+    silu = 0.5 * g + u * (polynomial(_SILU_P, u) / polynomial(_SILU_Q, u))
+    silu = mx.where(g > _SILU_TAIL, g, mx.where(g < -_SILU_TAIL, 0.0, silu))
+    return (silu * x.astype(mx.float32)).astype(x.dtype)
 
 
 def _exp_nonpositive(t: mx.array) -> mx.array:
@@ -107,14 +126,18 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
 
 
 def use_for_mlx_lm_qwen2() -> None:
-    """Route mlx-lm's Qwen2 prefill attention through `attention` on the CPU (a 0.5B model's
-    prefill spends ~0.2 s in scalar exp otherwise). Decode steps, other devices, quantized KV
-    caches, attention sinks and batched (4-D) masks keep mlx-lm's own function. Process-wide
-    (mlx-lm looks the function up in its qwen2 module); idempotent."""
-    from mlx_lm.models import base, qwen2
+    """Route mlx-lm's Qwen2 prefill attention through `attention`, and its SwiGLU through
+    `silu_mul`, on the CPU: MLX's CPU exp and sigmoid are scalar loops (a 0.5B model's 286-token
+    prefill spends ~0.2 s in each otherwise). Decode attention, other devices, quantized KV
+    caches, attention sinks and batched (4-D) masks keep mlx-lm's own functions. Process-wide
+    (mlx-lm looks both up in its qwen2 module); idempotent."""
+    from mlx_lm.models import activations, base, qwen2
 
     if getattr(qwen2.scaled_dot_product_attention, "routed_by_fastvlm_mlx", False):
         return
+
+    def swiglu(gate, x):
+        return silu_mul(gate, x) if mx.default_device() == mx.cpu else activations.swiglu(gate, x)
 
     def routed(queries, keys, values, cache, scale, mask, sinks=None):
         plain_mask = mask is None or isinstance(mask, str) or mask.ndim <= 2
@@ -131,3 +154,4 @@ def use_for_mlx_lm_qwen2() -> None:
 
     routed.routed_by_fastvlm_mlx = True
     qwen2.scaled_dot_product_attention = routed
+    qwen2.swiglu = swiglu

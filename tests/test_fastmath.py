@@ -4,7 +4,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx_lm.models import qwen2
+from mlx_lm.models import activations, base, qwen2
 from mlx_lm.models.cache import make_prompt_cache
 
 from fastvlm_mlx import fastmath
@@ -23,6 +23,15 @@ def test_exp_for_softmax_is_within_1e6_absolute():
     t = mx.concatenate([mx.linspace(-100, 0, 1_000_001), mx.array([-float("inf")])])
     assert mx.abs(fastmath.exp_nonpositive(t) - mx.exp(t)).max().item() < 1.5e-6
     assert fastmath.exp_nonpositive(mx.array([-float("inf"), -41.0])).tolist() == [0.0, 0.0]
+
+
+def test_silu_mul_matches_silu_times_x_over_the_real_line():
+    g = mx.array(np.concatenate([np.linspace(-40, 40, 1_000_001), [1e30, -1e30, 15.82, -15.82]]).astype(np.float32))
+    x = mx.random.normal(g.shape, key=mx.random.key(0))
+    assert mx.abs(fastmath.silu_mul(g, x) - nn.silu(g) * x).max().item() < 1e-5  # |x| < 6: 2e-6 on SiLU
+    assert mx.isnan(fastmath.silu_mul(mx.array([float("nan")]), mx.array([1.0]))).item()
+    half = fastmath.silu_mul(g.astype(mx.bfloat16), x.astype(mx.bfloat16))
+    assert half.dtype == mx.bfloat16 and mx.isfinite(half).all().item()
 
 
 @pytest.mark.parametrize("heads, kv_heads, L, S", [(3, 3, 70, 70), (6, 2, 9, 9), (6, 2, 4, 11), (4, 1, 1, 13)])
@@ -57,7 +66,8 @@ def test_half_precision_stays_finite_and_close(dtype):
 
 def test_qwen2_prefill_is_routed_through_our_attention_with_the_same_logits(monkeypatch):
     """A prefill in two chunks (the second one's causal mask is offset by the cache), then decode
-    steps: the same logits as mlx-lm's own attention, and the prefill really ran ours."""
+    steps: the same logits as mlx-lm's own attention and SwiGLU, and the prefill really ran our
+    attention (the decode steps mlx-lm's), every MLP our SwiGLU."""
     if mx.default_device() != mx.cpu:
         pytest.skip("routed on the CPU only")
     args = qwen2.ModelArgs(
@@ -81,11 +91,15 @@ def test_qwen2_prefill_is_routed_through_our_attention_with_the_same_logits(monk
         logits += [model(ids[:, i : i + 1], cache=cache) for i in range(7, 9)]
         return mx.concatenate(logits, axis=1)
 
+    # mlx-lm's own functions, even if a model loaded by an earlier test routed them; restored after
+    monkeypatch.setattr(qwen2, "scaled_dot_product_attention", base.scaled_dot_product_attention)
+    monkeypatch.setattr(qwen2, "swiglu", activations.swiglu)
     expected = run()
-    monkeypatch.setattr(qwen2, "scaled_dot_product_attention", qwen2.scaled_dot_product_attention)  # restored after
-    calls = []
-    ours = fastmath.attention
+    calls, mlps = [], []
+    ours, our_swiglu = fastmath.attention, fastmath.silu_mul
     monkeypatch.setattr(fastmath, "attention", lambda *a: calls.append(a[0].shape) or ours(*a))
+    monkeypatch.setattr(fastmath, "silu_mul", lambda *a: mlps.append(a[0].shape[1]) or our_swiglu(*a))
     fastmath.use_for_mlx_lm_qwen2()
     assert mx.abs(run() - expected).max().item() < 1e-4
     assert calls == [(1, 4, 4, 16)] * 2 + [(1, 4, 3, 16)] * 2  # two layers, two prefill chunks, no decode
+    assert mlps == [4, 4, 3, 3, 1, 1, 1, 1]
