@@ -8,6 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import generate_step, generation_stream
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from fastvlm_mlx.errors import UserError
@@ -15,6 +16,8 @@ from fastvlm_mlx.model import FastVLM
 from fastvlm_mlx.preprocess import load_image, preprocess
 from fastvlm_mlx.prompt import tokenize_prompt
 from pruners import Pruned, identity, needs_scores, prune
+
+PREFILL_CHUNK = 2048  # positions per prefill pass, as mlx-lm's prefill_step_size
 
 
 @dataclass
@@ -107,13 +110,7 @@ def generate(
 
     embeds = model.splice(ids_before, model.project(kept.tokens), ids_after)[0]  # (L, H)
     sampler = make_sampler(temp=temperature, top_p=top_p if 0 < top_p < 1 else 0.0)
-    steps = generate_step(
-        mx.array([], dtype=mx.int32),
-        model.language_model,
-        max_tokens=max_tokens,
-        sampler=sampler,
-        input_embeddings=embeds,
-    )
+    steps = _token_steps(model, embeds, sampler, max_tokens)
     eos = set(tokenizer.eos_token_ids) | set(config.eos_token_ids)
     token_ids: list[int] = []
     text = ""
@@ -145,6 +142,26 @@ def generate(
         peak_memory_gb=mx.get_peak_memory() / 1e9,
         first_logprobs=np.array(first_logprobs.astype(mx.float32)),
     )
+
+
+def _token_steps(model: FastVLM, embeds: mx.array, sampler, max_tokens: int):
+    """(token, logprobs) pairs. The first comes from one pass over every position with the head
+    on the last one only; mlx-lm's generate_step would run the last position as a step of its
+    own, which reads every weight again (~0.1 s for 0.5B on a CPU). The rest come from
+    generate_step on the filled cache."""
+    lm = model.language_model
+    cache = make_prompt_cache(lm)
+    with mx.stream(generation_stream):
+        for start in range(0, len(embeds), PREFILL_CHUNK):
+            if start:
+                mx.eval([c.state for c in cache])
+            hidden = lm.model(None, cache=cache, input_embeddings=embeds[None, start : start + PREFILL_CHUNK])
+        logits = model.head(hidden[:, -1, :])
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        token = sampler(logprobs)
+    yield token.item(), logprobs.squeeze(0)
+    if max_tokens > 1:
+        yield from generate_step(token, lm, max_tokens=max_tokens - 1, sampler=sampler, prompt_cache=cache)
 
 
 def resolve_pruning(config, pruner: str | None, keep_ratio: float | None) -> tuple[str | None, float]:

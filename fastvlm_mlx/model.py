@@ -43,6 +43,11 @@ class FastVLM(nn.Module):
         parts = [embed(mx.array([ids], dtype=mx.int32)) for ids in (ids_before, ids_after)]
         return mx.concatenate([parts[0], image_embeds.astype(parts[0].dtype), parts[1]], axis=1)
 
+    def head(self, hidden: mx.array) -> mx.array:
+        """Qwen2's output head (tied or not) on final hidden states."""
+        lm = self.language_model
+        return lm.model.embed_tokens.as_linear(hidden) if lm.args.tie_word_embeddings else lm.lm_head(hidden)
+
     def logits(self, input_embeddings: mx.array, cache=None) -> mx.array:
         """Full-sequence logits (B, L, V) from merged input embeddings."""
         return self.language_model(None, cache=cache, input_embeddings=input_embeddings)
