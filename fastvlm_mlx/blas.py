@@ -15,15 +15,13 @@ FASTVLM_MLX_NO_BLAS=1 loads none. This module must not import mlx.
 
 import ctypes
 import glob
-import hashlib
 import importlib.util
 import os
-import shutil
-import subprocess
 import sys
 import sysconfig
-import tempfile
 import warnings
+
+from fastvlm_mlx.native import build
 
 _SYSTEM_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 _AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}  # what OpenBLAS's SkylakeX kernels use
@@ -79,35 +77,12 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
-def _shim_for(openblas: str) -> str | None:
-    """Build (once) and return the shim library, or None without a C compiler."""
-    compiler = next(filter(None, map(shutil.which, ("cc", "gcc", "clang", "g++"))), None)
-    if compiler is None:
-        return None
-    key = hashlib.sha256(f"{_SHIM}{openblas}{compiler}".encode()).hexdigest()[:16]
-    folder = os.path.join(tempfile.gettempdir(), f"fastvlm-mlx-{os.getuid()}")
-    shim = os.path.join(folder, f"libcblas-shim-{key}.so")
-    if os.path.exists(shim):
-        return shim
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as work:
-        source, built = os.path.join(work, "shim.c"), os.path.join(work, "shim.so")
-        with open(source, "w") as f:
-            f.write(_SHIM)
-        language = ["-x", "c"] if not compiler.endswith("++") else []
-        command = [compiler, "-O2", "-shared", "-fPIC", *language, source, "-o", built]
-        if subprocess.run(command, capture_output=True).returncode != 0:
-            return None
-        os.replace(built, shim)  # atomic: a concurrent build yields the same file
-    return shim
-
-
 def _load_scipy_openblas() -> str | None:
     spec = importlib.util.find_spec("scipy_openblas32")
     if spec is None or not spec.submodule_search_locations:
         return None
     found = glob.glob(os.path.join(spec.submodule_search_locations[0], "lib", "libscipy_openblas*.so*"))
-    shim = _shim_for(found[0]) if found else None
+    shim = build(_SHIM, "cblas-shim") if found else None
     if shim is None:
         return None
     # This private copy reads OPENBLAS_CORETYPE once, as it loads; numpy's own OpenBLAS (and

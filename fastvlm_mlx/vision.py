@@ -9,6 +9,7 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
+from fastvlm_mlx import native
 from fastvlm_mlx.config import VisionConfig
 from fastvlm_mlx.fastmath import attention, exact_gelu, gelu
 
@@ -74,6 +75,10 @@ def grouped_conv(
     x (B, H, W, C), weight (C * m, k, k, 1) as nn.Conv2d stores it; padding k // 2.
     """
     H, c_out, k = x.shape[1], weight.shape[0], weight.shape[1]
+    if c_out == x.shape[-1] and _cpu_streams():  # depthwise on the CPU: the C kernel, where it applies
+        out = native.depthwise(x, weight, mx.zeros((c_out,), x.dtype) if bias is None else bias, stride, len(_STREAMS))
+        if out is not None:
+            return gelu(out) if activate else out
     pad = k // 2
     h_out = (H + 2 * pad - k) // stride + 1
     bias = mx.zeros((c_out,), dtype=x.dtype) if bias is None else bias

@@ -1,10 +1,11 @@
-"""The vision tower's grouped conv against MLX's conv2d, and its split across CPU streams."""
+"""The vision tower's grouped conv against MLX's conv2d (the C depthwise kernel too), and its
+split across CPU streams."""
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from fastvlm_mlx import vision
+from fastvlm_mlx import native, vision
 from fastvlm_mlx.config import VisionConfig
 from fastvlm_mlx.vision import FastViT, grouped_conv
 
@@ -23,6 +24,25 @@ def test_grouped_conv_matches_conv2d(c_in, c_out, k, stride, size):
     assert mx.abs(mine - (ref + bias)).max().item() <= 1e-5 * mx.abs(ref).max().item()
     activated = grouped_conv(x, weight, bias, stride=stride, activate=True)
     assert mx.abs(activated - nn.gelu(ref + bias)).max().item() <= 1e-5 * mx.abs(ref).max().item()
+
+
+@pytest.mark.parametrize(
+    "batch, height, width, channels, k, stride",
+    [(2, 9, 21, 16, 3, 1), (1, 16, 19, 32, 7, 1), (1, 17, 30, 48, 7, 2), (2, 5, 4, 16, 7, 1), (1, 12, 40, 16, 3, 2)],
+)
+def test_native_depthwise_matches_conv2d(batch, height, width, channels, k, stride):
+    """Borders (a 7x7 on a 5x4 image is all border), 8-pixel blocks and their tails, stride 2."""
+    x = mx.random.normal((batch, height, width, channels), key=mx.random.key(0))
+    weight = mx.random.normal((channels, k, k, 1), key=mx.random.key(1))
+    bias = mx.random.normal((channels,), key=mx.random.key(2))
+    mine = native.depthwise(x, weight, bias, stride, threads=3)
+    if mine is None:
+        pytest.skip("no C compiler here")
+    ref = mx.conv2d(x, weight, stride=stride, padding=k // 2, groups=channels) + bias
+    assert mine.shape == ref.shape
+    assert mx.abs(mine - ref).max().item() <= 1e-5 * mx.abs(ref).max().item()
+    assert native.depthwise(x.astype(mx.float16), weight, bias, stride, threads=1) is None  # float32 only
+    assert native.depthwise(x[..., :12], weight[:12], bias[:12], stride, threads=1) is None  # C % 16
 
 
 def test_split_across_cpu_streams_is_exact(monkeypatch):
