@@ -75,13 +75,15 @@ def grouped_conv(
     x (B, H, W, C), weight (C * m, k, k, 1) as nn.Conv2d stores it; padding k // 2.
     """
     H, c_out, k = x.shape[1], weight.shape[0], weight.shape[1]
-    if c_out == x.shape[-1] and _cpu_streams():  # depthwise on the CPU: the C kernel, where it applies
-        out = native.depthwise(x, weight, mx.zeros((c_out,), x.dtype) if bias is None else bias, stride, len(_STREAMS))
-        if out is not None:
+    bias = mx.zeros((c_out,), dtype=x.dtype) if bias is None else bias
+    if _cpu_streams():  # on the CPU, the C depthwise kernel where it applies: once per filter of a channel
+        m = c_out // x.shape[-1]
+        outs = [native.depthwise(x, weight[j::m], bias[j::m], stride, len(_STREAMS)) for j in range(m)]
+        if all(out is not None for out in outs):
+            out = outs[0] if m == 1 else mx.stack(outs, axis=-1).reshape(*outs[0].shape[:3], c_out)
             return gelu(out) if activate else out
     pad = k // 2
     h_out = (H + 2 * pad - k) // stride + 1
-    bias = mx.zeros((c_out,), dtype=x.dtype) if bias is None else bias
     padded = mx.pad(x, [(0, 0), (pad, pad), (pad, pad), (0, 0)])
 
     def band(lo: int, hi: int) -> mx.array:  # output rows [lo, hi) read input rows lo*stride ... (hi-1)*stride+k

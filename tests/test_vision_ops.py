@@ -12,7 +12,8 @@ from fastvlm_mlx.vision import FastViT, grouped_conv
 
 @pytest.mark.parametrize(
     "c_in, c_out, k, stride, size",
-    [(6, 6, 3, 1, 9), (6, 6, 7, 1, 16), (4, 8, 7, 2, 16), (5, 5, 3, 2, 11), (4, 8, 3, 1, 6), (3, 6, 7, 2, 7)],
+    [(6, 6, 3, 1, 9), (6, 6, 7, 1, 16), (4, 8, 7, 2, 16), (5, 5, 3, 2, 11), (4, 8, 3, 1, 6), (3, 6, 7, 2, 7)]
+    + [(16, 32, 7, 2, 16), (32, 32, 3, 1, 9)],  # the C kernel on the CPU: two filters per channel, one
 )
 def test_grouped_conv_matches_conv2d(c_in, c_out, k, stride, size):
     x = mx.random.normal((2, size, size + 2, c_in), key=mx.random.key(0))
