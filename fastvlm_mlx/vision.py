@@ -137,6 +137,16 @@ class DepthwiseConv(nn.Module):
         return _apply(self.reparam_conv, x)
 
 
+@mx.compile
+def _bias_gelu(h: mx.array, bias: mx.array) -> mx.array:
+    return exact_gelu(h + bias)
+
+
+@mx.compile
+def _add_bias(x: mx.array, y: mx.array, bias: mx.array) -> mx.array:
+    return x + y + bias
+
+
 class ConvMlp(nn.Module):
     """Depthwise 7x7 (BatchNorm folded in) -> 1x1 expand -> GELU -> 1x1 (layer scale folded)."""
 
@@ -147,7 +157,10 @@ class ConvMlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(gelu(self.fc1(_apply(self.conv, x))))
+        """x + MLP(x). The biases ride in the GELU and residual loops (nn.Linear would first copy
+        them into each output, an extra pass over the largest arrays of the tower)."""
+        h = _bias_gelu(_apply(self.conv, x) @ self.fc1.weight.T, self.fc1.bias)
+        return _add_bias(x, h @ self.fc2.weight.T, self.fc2.bias)
 
 
 class Attention(nn.Module):
@@ -183,8 +196,7 @@ class RepMixerBlock(nn.Module):
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio))
 
     def __call__(self, x: mx.array, with_scores: bool = False):
-        x = self.token_mixer(x)
-        return x + self.mlp(x), None
+        return self.mlp(self.token_mixer(x)), None
 
 
 class AttentionBlock(nn.Module):
@@ -197,8 +209,7 @@ class AttentionBlock(nn.Module):
     def __call__(self, x: mx.array, with_scores: bool = False):
         B, H, W, C = x.shape
         mixed, received = self.token_mixer(self.norm(x).reshape(B, H * W, C), with_scores)
-        x = x + mixed.reshape(B, H, W, C)
-        return x + self.mlp(x), received
+        return self.mlp(x + mixed.reshape(B, H, W, C)), received
 
 
 class PatchEmbed(nn.Module):
