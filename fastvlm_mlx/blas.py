@@ -45,6 +45,7 @@ void cblas_sgemm(int o, int ta, int tb, int m, int n, int k, float alpha, const 
                  const float* b, int ldb, float beta, float* c, int ldc) {
   if (o == 101 && m == 1) {
     int inc = ta == 111 ? 1 : lda;
+    if (beta == 0) for (int i = 0; i < n; ++i) c[i] = 0;  /* MLX's buffers may hold NaN: 0 * NaN */
     if (tb == 111) scipy_cblas_sgemv(101, 112, k, n, alpha, b, ldb, a, inc, beta, c, 1);
     else scipy_cblas_sgemv(101, 111, n, k, alpha, b, ldb, a, inc, beta, c, 1);
     return;

@@ -7,7 +7,9 @@ on Metal or CUDA). `load_model` calls it; so do the benchmarks that build models
   to MLX's own kernel builds and gives strided kernels a vectorizable unit-stride loop
   (`gxx.py`); every other g++ call passes through unchanged. MLX caches built kernels in
   $TMPDIR/mlx by name only, so kernels found there that the wrapper did not build are deleted
-  once, to be rebuilt. FASTVLM_MLX_NO_NATIVE_JIT=1 keeps MLX's own flags and loops.
+  once, to be rebuilt. FASTVLM_MLX_NO_NATIVE_JIT=1 keeps MLX's own flags and loops for kernels
+  built from then on (delete $TMPDIR/mlx to rebuild those already built). Built kernels suit
+  this machine's CPU only: do not share $TMPDIR/mlx between different machines.
 - Buffer cache. MLX's CPU allocator keeps at most 32 MB of freed buffers, so every larger
   intermediate comes back as fresh pages from the OS and page faults dominate elementwise
   work (`x * 2` on a 50 MB array: 22 ms, 3 ms with the cache). Raised to a quarter of the
@@ -25,9 +27,10 @@ import tempfile
 
 _WRAPPER_PREFIX = "fastvlm-mlx-jit-"
 _WRAPPER = """#!/bin/sh
-# fastvlm-mlx: MLX's JIT kernel builds go through gxx.py; any other g++ call is unchanged.
+# fastvlm-mlx: shared-library builds go through gxx.py, which changes MLX's kernel builds in
+# {folder} only; any other g++ call is unchanged.
 case "$*" in
-  *-fPIC\\ -shared*/mlx/*) exec {python} -I -S {script} {real} "$@" ;;
+  *-shared*.cpp*) exec {python} -I -S {script} {real} {folder} "$@" ;;
 esac
 exec {real} "$@"
 """
@@ -53,7 +56,8 @@ def use_native_jit() -> bool:
     wrapper = os.path.join(folder, "g++")
     with open(wrapper, "w") as f:
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gxx.py")
-        f.write(_WRAPPER.format(real=shlex.quote(real), python=shlex.quote(sys.executable), script=shlex.quote(script)))
+        quoted = map(shlex.quote, (real, sys.executable, script, kernel_folder()))
+        f.write(_WRAPPER.format(**dict(zip(("real", "python", "script", "folder"), quoted, strict=True))))
     os.chmod(wrapper, 0o755)
     owner = os.getpid()
     atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
@@ -73,11 +77,13 @@ def kernel_folder() -> str:
 
 def _drop_stale_kernels() -> None:
     """Delete cached kernels that were not built through the wrapper: MLX finds them by name
-    only and would never rebuild them."""
-    from fastvlm_mlx.gxx import BUILT
+    only and would never rebuild them. Only once the wrapper has built a kernel in this folder
+    (its WORKS file): were MLX's build command to change so that the wrapper no longer sees it,
+    nothing would be rebuilt in vain."""
+    from fastvlm_mlx.gxx import BUILT, WORKS
 
     folder = kernel_folder()
-    names = os.listdir(folder) if os.path.isdir(folder) else []
+    names = os.listdir(folder) if os.path.isfile(os.path.join(folder, WORKS)) else []
     for name in names:
         if not (name.startswith("lib") and name.endswith(".so")):
             continue

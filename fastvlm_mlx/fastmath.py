@@ -61,7 +61,8 @@ gelu = mx.compile(exact_gelu)
 
 @mx.compile
 def silu_mul(gate: mx.array, x: mx.array) -> mx.array:
-    """SiLU(gate) * x (SwiGLU) to ~3e-6 absolute for |gate| < 16, exact beyond; float32 inside."""
+    """SiLU(gate) * x (SwiGLU): SiLU to ~3e-6 absolute for |gate| < 16 and exact beyond, times
+    x; float32 inside."""
     g = gate.astype(mx.float32)
     u = g * g
     silu = 0.5 * g + u * (polynomial(_SILU_P, u) / polynomial(_SILU_Q, u))

@@ -149,6 +149,8 @@ def _token_steps(model: FastVLM, embeds: mx.array, sampler, max_tokens: int):
     on the last one only; mlx-lm's generate_step would run the last position as a step of its
     own, which reads every weight again (~0.1 s for 0.5B on a CPU). The rest come from
     generate_step on the filled cache."""
+    if max_tokens < 1:
+        return
     lm = model.language_model
     cache = make_prompt_cache(lm)
     with mx.stream(generation_stream):

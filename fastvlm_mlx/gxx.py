@@ -1,8 +1,9 @@
 """The g++ that MLX's CPU kernel builds run through once `cpu.use_native_jit` is on.
 
-Run as `python -I -S gxx.py REAL_GXX ARGS...` (standalone: no imports from this package) for
-MLX's kernel builds only. They get `-march=native`, and their source gets a unit-stride
-version of the innermost loop:
+Run as `python -I -S gxx.py REAL_GXX KERNEL_FOLDER ARGS...` (standalone: no imports from this
+package) for shared-library builds. A build of one source in MLX's kernel folder gets
+`-march=native`, and its source a unit-stride version of the innermost loop; any other build
+runs unchanged.
 
 MLX writes the loop of a non-contiguous ("strided") fused kernel as pointer bumps by strides
 known only at run time, which GCC leaves scalar. Slices, transposes and per-channel broadcasts
@@ -18,6 +19,7 @@ import sys
 
 BUILT = "// built by fastvlm-mlx gxx.py, version 1"  # cpu.py rebuilds kernels without it
 MARK = "// fastvlm-mlx: unit-stride innermost loop"
+WORKS = ".fastvlm-mlx-gxx"  # written into the kernel folder once a build came through here
 _READ = re.compile(r"  (\w+) tmp_(\w+) = \*(\w+);")
 _WRITE = re.compile(r"  \*(\w+)\+\+ = (tmp_\w+);")
 
@@ -45,7 +47,7 @@ def unit_stride_loop(source: str) -> str:
             indexed.append(f"  {write.group(1)}[i{d}] = {write.group(2)};")
         elif re.fullmatch(rf"  (\w+) \+= \1_strides\[{d}\];", line):
             continue
-        elif "*" in line.split("=", 1)[-1].replace("()(", "") or "_strides" in line or "++" in line:
+        elif "*" in line.split("=", 1)[-1] or "_strides" in line or "++" in line:
             return source  # a read or write this rewrite does not know
         else:
             indexed.append(line)
@@ -58,21 +60,21 @@ def unit_stride_loop(source: str) -> str:
     return "\n".join(lines[:start] + fast + lines[start : end + 1] + ["  }"] + lines[end + 1 :])
 
 
-def main(real: str, args: list[str]) -> None:
-    """Compile an MLX kernel build (cpu.py's wrapper sends only those here) natively, its
-    source rewritten first."""
+def main(real: str, folder: str, args: list[str]) -> None:
     sources = [a for a in args if a.endswith(".cpp")]
-    if len(sources) == 1:
+    mlx_kernel = len(sources) == 1 and os.path.dirname(os.path.abspath(sources[0])) == os.path.abspath(folder)
+    if mlx_kernel:
         try:
             with open(sources[0]) as f:
                 source = f.read()
             if not source.startswith(BUILT):
                 with open(sources[0], "w") as f:
                     f.write(f"{BUILT}\n{unit_stride_loop(source)}")
+            open(os.path.join(folder, WORKS), "a").close()
         except OSError:
             pass  # compile what is there
-    os.execv(real, [real, "-march=native", *args])
+    os.execv(real, [real, *(["-march=native"] if mlx_kernel else []), *args])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])

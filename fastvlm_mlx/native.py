@@ -1,6 +1,7 @@
 """Small C kernels that MLX's CPU backend lacks, built on first use with the system compiler
-and cached (like MLX's own CPU kernels). This module must not import mlx at import time:
-`blas` uses `build` before mlx is loaded.
+and cached in ~/.cache/fastvlm-mlx (built for this machine's CPU: do not share that folder
+between different machines). This module must not import mlx at import time: `blas` uses
+`build` before mlx is loaded.
 
 Depthwise conv: MLX has no fast CPU kernel for it (`conv2d(groups=C)` is ~20x slower than
 torch's), and a fused `mx.compile` graph of shifted multiply-adds is split into ~5 kernels by
@@ -19,27 +20,40 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 
+def _cache_folder() -> str | None:
+    """$XDG_CACHE_HOME/fastvlm-mlx (~/.cache/fastvlm-mlx): ours alone, or None (no library
+    is loaded from a folder anyone else could write)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(base, "fastvlm-mlx")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    info = os.stat(folder)
+    return folder if info.st_uid == os.getuid() and not info.st_mode & 0o022 else None
+
+
 def build(source: str, name: str, flags: tuple[str, ...] = ()) -> str | None:
-    """Compile C `source` into a cached shared library; its path, or None without a compiler."""
+    """Compile C `source` into a cached shared library: its path, or None (no compiler, no
+    private cache folder, or the build failed)."""
     compiler = next(filter(None, map(shutil.which, ("cc", "gcc", "clang", "g++"))), None)
-    if compiler is None:
-        return None
-    key = hashlib.sha256(f"{source}{compiler}{flags}".encode()).hexdigest()[:16]
-    folder = os.path.join(tempfile.gettempdir(), f"fastvlm-mlx-{os.getuid()}")
-    library = os.path.join(folder, f"lib{name}-{key}.so")
-    if os.path.exists(library):
-        return library
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as work:
-        src, built = os.path.join(work, f"{name}.c"), os.path.join(work, f"{name}.so")
-        with open(src, "w") as f:
-            f.write(source)
-        language = [] if compiler.endswith("++") else ["-x", "c"]
-        command = [compiler, "-O3", "-shared", "-fPIC", *flags, *language, src, "-o", built]
-        if subprocess.run(command, capture_output=True).returncode != 0:
+    try:
+        folder = _cache_folder() if compiler else None
+        if folder is None:
             return None
-        os.replace(built, library)  # atomic: a concurrent build yields the same file
-    return library
+        key = hashlib.sha256(f"{source}{compiler}{flags}".encode()).hexdigest()[:16]
+        library = os.path.join(folder, f"lib{name}-{key}.so")
+        if os.path.exists(library):
+            return library
+        with tempfile.TemporaryDirectory(dir=folder) as work:
+            src, built = os.path.join(work, f"{name}.c"), os.path.join(work, f"{name}.so")
+            with open(src, "w") as f:
+                f.write(source)
+            language = [] if compiler.endswith("++") else ["-x", "c"]
+            command = [compiler, "-O3", "-shared", "-fPIC", *flags, *language, src, "-o", built]
+            if subprocess.run(command, capture_output=True, timeout=300).returncode != 0:
+                return None
+            os.replace(built, library)  # atomic: a concurrent build yields the same file
+        return library
+    except (OSError, AttributeError, subprocess.SubprocessError):  # read-only home, no getuid, ...
+        return None
 
 
 _DEPTHWISE = """/* fastvlm-mlx: depthwise conv, NHWC float32, zero padding, C a multiple of 16. */
@@ -93,7 +107,7 @@ void depthwise(const float* x, const float* w, const float* bias, float* out, in
 
 _LIBRARY: list = []  # [ctypes library or None], once built
 _POOL: list = []
-_OUT: dict = {}  # output buffers by shape, reused: fresh pages cost more than the kernel
+_OUT: dict = {}  # output buffers by shape, kept (~50 MB for a 1024^2 image): fresh pages cost more than the kernel
 _LOCK = threading.Lock()  # one call at a time uses them
 
 
@@ -116,13 +130,14 @@ def depthwise(x, weight, bias, stride: int, threads: int):
 
     B, H, W, C = x.shape
     k = weight.shape[1]
-    if x.dtype != mx.float32 or C % 16 or weight.shape[0] != C or (lib := _library()) is None:
+    float32 = x.dtype == weight.dtype == bias.dtype == mx.float32
+    if not float32 or C % 16 or weight.shape[0] != C or (lib := _library()) is None:
         return None
     pad = k // 2
     h_out, w_out = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
     x = np.ascontiguousarray(mx.contiguous(x))  # evaluates x: a sync, unlike the rest of the tower
-    taps = np.ascontiguousarray(np.asarray(weight, dtype=np.float32).reshape(C, k * k).T)
-    bias = np.ascontiguousarray(bias, dtype=np.float32)
+    taps = np.ascontiguousarray(np.asarray(weight).reshape(C, k * k).T)
+    bias = np.ascontiguousarray(bias)
     with _LOCK:
         out = _OUT.setdefault((B, h_out, w_out, C), np.empty((B, h_out, w_out, C), np.float32))
         if not _POOL:

@@ -76,9 +76,10 @@ def grouped_conv(
     """
     H, c_out, k = x.shape[1], weight.shape[0], weight.shape[1]
     bias = mx.zeros((c_out,), dtype=x.dtype) if bias is None else bias
-    if _cpu_streams():  # on the CPU, the C depthwise kernel where it applies: once per filter of a channel
-        m = c_out // x.shape[-1]
-        outs = [native.depthwise(x, weight[j::m], bias[j::m], stride, len(_STREAMS)) for j in range(m)]
+    m = c_out // x.shape[-1]
+    if mx.default_device() == mx.cpu and m >= 1:  # the C depthwise kernel where it applies, once per filter
+        threads = max(1, len(_cpu_streams()))
+        outs = [native.depthwise(x, weight[j::m], bias[j::m], stride, threads) for j in range(m)]
         if all(out is not None for out in outs):
             out = outs[0] if m == 1 else mx.stack(outs, axis=-1).reshape(*outs[0].shape[:3], c_out)
             return gelu(out) if activate else out

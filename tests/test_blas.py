@@ -63,3 +63,18 @@ def test_the_users_openblas_coretype_is_left_as_it_was():
         env |= {"OPENBLAS_CORETYPE": value} if value else {}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == str(value)
+
+
+def test_native_libraries_are_built_only_in_a_private_folder(tmp_path, monkeypatch):
+    from fastvlm_mlx import native
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    source = "int answer(void) { return 42; }\n"
+    built = native.build(source, "answer")
+    assert built and os.path.dirname(built) == str(tmp_path / "fastvlm-mlx")
+    assert __import__("ctypes").CDLL(built).answer() == 42
+    os.chmod(tmp_path / "fastvlm-mlx", 0o777)  # others could plant a library there: not used
+    assert native.build(source, "answer") is None
+    assert native.build("this is not C", "broken") is None

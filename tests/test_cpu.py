@@ -12,24 +12,29 @@ import pytest
 
 from fastvlm_mlx import cpu, gxx
 
-MACROS = ["-dM", "-E", "-x", "c++", "/dev/null"]
 
-
-def macros(compiler: str, *args: str) -> set[str]:
-    out = subprocess.run([compiler, *args, *MACROS], capture_output=True, text=True, check=True).stdout
-    return set(out.splitlines())
+def macros(compiler: str, source: str, *args: str) -> set[str]:
+    command = [compiler, *args, "-dM", "-E", "-x", "c++", source]
+    return set(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines())
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="checks x86 ISA macros")
-def test_only_mlx_kernel_builds_get_native_flags():
+def test_only_mlx_kernel_builds_get_native_flags(tmp_path):
     if not cpu.use_native_jit():
         pytest.skip("no g++ here")
     first, *rest = os.environ["PATH"].split(os.pathsep)
     wrapper, real = shutil.which("g++"), shutil.which("g++", path=os.pathsep.join(rest))
     assert wrapper == os.path.join(first, "g++") and real is not None
-    kernel_build = ["-fPIC", "-shared", "-I", "/nowhere/mlx/include"]
-    assert macros(wrapper, *kernel_build) == macros(real, "-march=native", *kernel_build)
-    assert macros(wrapper, "-fPIC", "-shared") == macros(real, "-fPIC", "-shared")
+    os.makedirs(cpu.kernel_folder(), exist_ok=True)
+    kernel, elsewhere = os.path.join(cpu.kernel_folder(), f"test-{os.getpid()}.cpp"), str(tmp_path / "mine.cpp")
+    for path in (kernel, elsewhere):
+        open(path, "w").close()
+    try:
+        assert macros(wrapper, kernel, "-fPIC", "-shared") == macros(real, kernel, "-march=native", "-fPIC", "-shared")
+        assert macros(wrapper, elsewhere, "-fPIC", "-shared") == macros(real, elsewhere, "-fPIC", "-shared")
+        assert open(elsewhere).read() == ""  # a source outside MLX's kernel folder is not touched
+    finally:
+        os.remove(kernel)
 
 
 @pytest.mark.parametrize("opt_out", [True, False])
@@ -80,6 +85,7 @@ def test_strided_kernels_get_a_unit_stride_loop_and_stay_right(tmp_path):
     env["TMPDIR"] = str(tmp_path)
     out = subprocess.run([sys.executable, "-c", STRIDED], env=env, capture_output=True, text=True, check=True)
     assert float(out.stdout) < 1e-6  # relative to the largest value
+    assert (tmp_path / "mlx" / mx.__version__ / "cpu" / gxx.WORKS).is_file()
     sources = [p.read_text() for p in (tmp_path / "mlx").rglob("*.cpp")]
     assert sources and all(s.startswith(gxx.BUILT) for s in sources)
     strided = [s for s in sources if "_strided_" in s]
@@ -100,5 +106,8 @@ def test_kernels_built_without_the_wrapper_are_dropped(tmp_path, monkeypatch):
         (folder / f"lib{name}.so").write_bytes(b"")
         if source is not None:
             (folder / f"{name}.cpp").write_text(source)
+    cpu._drop_stale_kernels()  # the wrapper never built here (MLX's command changed?): keep all
+    assert len(list(folder.glob("*.so"))) == 3
+    (folder / gxx.WORKS).write_text("")
     cpu._drop_stale_kernels()
     assert sorted(p.name for p in folder.glob("*.so")) == ["libours.so"]
