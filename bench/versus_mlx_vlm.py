@@ -4,14 +4,15 @@ Times the FastViTHD vision tower (one NHWC float32 image) and the Qwen2-0.5B pre
 embeddings into an empty KV cache; cache and last-position logits evaluated, as generation does).
 Both sides run the same random float32 weights: `random_tower`'s, copied into mlx-vlm's modules
 by an explicit key map, so the JSON also says how far the outputs differ. Rounds alternate which
-side goes first. `fastvlm_mlx` is imported before mlx, so both get MKL, -march=native kernel
-builds and the larger buffer cache.
+side goes first. `fastvlm_mlx` is imported before mlx, so both get its BLAS (OpenBLAS with
+AVX-512 kernels), and, unless --untuned, the -march=native kernel builds with unit-stride loops
+and the larger buffer cache. Our tower's C depthwise kernel and CPU math are ours alone.
 
 mlx-vlm's pins clash with our dev venv, so it gets its own (the fastvlm modules need only
 mlx-lm, requests and what they pull in):
 
     python3.11 -m venv /work/vlmvenv
-    /work/vlmvenv/bin/pip install mlx==0.32.4 mlx-cpu==0.32.4 mkl
+    /work/vlmvenv/bin/pip install mlx==0.32.4 mlx-cpu==0.32.4 mkl scipy-openblas32
     /work/vlmvenv/bin/pip install --no-deps mlx_vlm-0.7.10-py3-none-any.whl  # pip download mlx-vlm==0.7.10 --no-deps
     /work/vlmvenv/bin/pip install mlx-lm==0.32.2 requests numpy pillow click safetensors
     /work/vlmvenv/bin/pip install --no-deps -e /work/main
@@ -20,7 +21,7 @@ mlx-lm, requests and what they pull in):
         --out bench-results/versus-mlx-vlm.json
 """
 
-import fastvlm_mlx  # noqa: F401, I001  first: preloads MKL before anything imports mlx
+import fastvlm_mlx  # noqa: F401, I001  first: preloads the BLAS before anything imports mlx
 
 import json
 import re
