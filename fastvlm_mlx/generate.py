@@ -150,6 +150,8 @@ def _token_steps(model: FastVLM, embeds: mx.array, sampler, max_tokens: int):
     prompt's last position as a step of its own (reading every weight again: ~0.1 s at 0.5B)
     and empties MLX's buffer cache at its first token (the next image's vision pass then pays
     ~0.2 s of fresh-page faults at 1024^2). mlx-lm's model, KV cache and sampler do the work."""
+    if max_tokens < 1:
+        return
     lm = model.language_model
     cache = make_prompt_cache(lm)
 
