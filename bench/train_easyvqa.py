@@ -20,7 +20,7 @@ import click
 import numpy as np
 import torch
 
-import fastvlm_mlx  # noqa: F401  (preloads MKL before anything imports mlx)
+import fastvlm_mlx  # noqa: F401  (preloads the BLAS before anything imports mlx)
 from bench import easyvqa
 from bench.synthetic import build_reference, make_tokenizer, save_checkpoint
 from bench.torch_pipeline import encode_image
