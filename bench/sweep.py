@@ -19,6 +19,7 @@ import numpy as np
 
 from bench.quality import answer_correct, compare_runs
 from fastvlm_mlx import BLAS, __version__, cpu
+from fastvlm_mlx.blas import cpu_info
 from fastvlm_mlx.errors import UserError
 from fastvlm_mlx.generate import generate
 from fastvlm_mlx.load import load_model
@@ -106,12 +107,7 @@ def dataset_items(spec: str) -> list[Item]:
 
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows."""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            return names[0]
-    return platform.processor() or platform.machine()
+    return cpu_info("model name") or platform.processor() or platform.machine()
 
 
 def environment(torch_device) -> dict:

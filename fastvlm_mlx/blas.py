@@ -70,12 +70,13 @@ def _first(pattern: str) -> str | None:
     return paths[0] if paths else None
 
 
-def _cpu_flags() -> set[str]:
+def cpu_info(field: str) -> str | None:
+    """The first `field` entry of /proc/cpuinfo ("flags", "model name"), or None (not Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":")[0].strip() == field), None)
     except OSError:
-        return set()
+        return None
 
 
 def _load_scipy_openblas() -> str | None:
@@ -88,7 +89,8 @@ def _load_scipy_openblas() -> str | None:
         return None
     # This private copy reads OPENBLAS_CORETYPE once, as it loads; numpy's own OpenBLAS (and
     # child processes) keep seeing the user's value.
-    core = os.environ.get("FASTVLM_MLX_OPENBLAS_CORETYPE") or ("SkylakeX" if _AVX512 <= _cpu_flags() else None)
+    avx512 = _AVX512 <= set((cpu_info("flags") or "").split())
+    core = os.environ.get("FASTVLM_MLX_OPENBLAS_CORETYPE") or ("SkylakeX" if avx512 else None)
     users = os.environ.get("OPENBLAS_CORETYPE")
     if core:
         os.environ["OPENBLAS_CORETYPE"] = core
