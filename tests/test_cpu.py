@@ -37,17 +37,22 @@ def test_only_mlx_kernel_builds_get_native_flags(tmp_path):
         os.remove(kernel)
 
 
-@pytest.mark.parametrize("opt_out", [True, False])
-def test_opting_out_keeps_path(opt_out):
+def fresh_env() -> dict:
+    """This process's environment without the opt-out and without a wrapper put on PATH by an
+    earlier test; skips where there is no g++ on Linux."""
     if shutil.which("g++") is None or not sys.platform.startswith("linux"):
         pytest.skip("no g++ here")
+    env = {k: v for k, v in os.environ.items() if k != "FASTVLM_MLX_NO_NATIVE_JIT"}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if "fastvlm-mlx-jit" not in p)
+    return env
+
+
+@pytest.mark.parametrize("opt_out", [True, False])
+def test_opting_out_keeps_path(opt_out):
     code = (
         "import os; from fastvlm_mlx import cpu; print(cpu.use_native_jit(), 'fastvlm-mlx-jit' in os.environ['PATH'])"
     )
-    env = {k: v for k, v in os.environ.items() if k != "FASTVLM_MLX_NO_NATIVE_JIT"}
-    path = [p for p in env["PATH"].split(os.pathsep) if "fastvlm-mlx-jit" not in p]  # ours, from other tests
-    env["PATH"] = os.pathsep.join(path)
-    env = dict(env, FASTVLM_MLX_NO_NATIVE_JIT="1") if opt_out else env
+    env = dict(fresh_env(), FASTVLM_MLX_NO_NATIVE_JIT="1") if opt_out else fresh_env()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == [str(not opt_out)] * 2
 
@@ -78,11 +83,7 @@ print(max(float(np.abs(g - v).max() / np.abs(v).max()) for g, v in zip(got, want
 def test_strided_kernels_get_a_unit_stride_loop_and_stay_right(tmp_path):
     """A slice times a per-channel vector (inner stride 1 everywhere: the new loop) and a slice
     times a transposed input (inner stride 11: the original loop) give numpy's values."""
-    if shutil.which("g++") is None or not sys.platform.startswith("linux"):
-        pytest.skip("no g++ here")
-    env = {k: v for k, v in os.environ.items() if k != "FASTVLM_MLX_NO_NATIVE_JIT"}
-    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if "fastvlm-mlx-jit" not in p)
-    env["TMPDIR"] = str(tmp_path)
+    env = dict(fresh_env(), TMPDIR=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", STRIDED], env=env, capture_output=True, text=True, check=True)
     assert float(out.stdout) < 1e-6  # relative to the largest value
     assert (tmp_path / "mlx" / mx.__version__ / "cpu" / gxx.WORKS).is_file()
