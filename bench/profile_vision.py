@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
 from fastvlm_mlx.config import VisionConfig
-from fastvlm_mlx.cpu import tune_cpu
+from fastvlm_mlx.cpu import use_cpu_backend
 from fastvlm_mlx.vision import FastViT
 
 
@@ -38,6 +38,7 @@ def random_tower(seed: int = 0) -> FastViT:
 
     tower.update(tree_map_with_path(init, tower.parameters()))
     mx.eval(tower.parameters())
+    use_cpu_backend(tower)  # as load_model does
     return tower
 
 
@@ -69,7 +70,6 @@ def stage_times(tower: FastViT, pixels: mx.array, runs: int) -> dict[str, float]
 @click.option("--runs", default=3, show_default=True)
 @click.option("--json", "json_path", default=None, help="Also write the times here.")
 def main(size: int, runs: int, json_path: str | None) -> None:
-    tune_cpu()
     tower = random_tower()
     pixels = mx.random.uniform(shape=(1, size, size, 3))
     times = stage_times(tower, pixels, runs)

@@ -18,8 +18,9 @@ import mlx.core as mx
 import numpy as np
 
 from bench.quality import answer_correct, compare_runs
-from fastvlm_mlx import BLAS, __version__, cpu
-from fastvlm_mlx.blas import cpu_info
+from fastvlm_mlx import __version__, cpu
+from fastvlm_mlx.cpu import jit
+from fastvlm_mlx.cpu.private import cpu_info
 from fastvlm_mlx.errors import UserError
 from fastvlm_mlx.generate import generate
 from fastvlm_mlx.load import load_model
@@ -117,9 +118,10 @@ def environment(torch_device) -> dict:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "mlx_device": str(mx.default_device()),
-        "blas": BLAS,
-        "jit_march_native": cpu.NATIVE_JIT,
-        "mlx_cache_limit_bytes": cpu.CACHE_LIMIT,
+        "cpu_backend": cpu.enabled(),
+        "blas": cpu.blas_in_use(),
+        "jit_march_native": jit.native_jit(),
+        "mlx_cache_limit_bytes": jit.CACHE_LIMIT,
         "cpu_count": os.cpu_count(),
         "machine": platform.platform(),
         "processor": cpu_model(),

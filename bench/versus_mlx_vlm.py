@@ -43,9 +43,8 @@ from mlx_vlm.models.fastvlm.vision import VisionModel
 
 from bench.profile_vision import random_tower
 from bench.sweep import environment
-from fastvlm_mlx import cpu
+from fastvlm_mlx.cpu import jit, modules
 from fastvlm_mlx.config import VisionConfig
-from fastvlm_mlx.fastmath import use_for_mlx_lm_qwen2
 
 QWEN2_05B = dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, intermediate_size=4864, vocab_size=151936)
 QWEN2_05B |= dict(num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True)
@@ -120,16 +119,17 @@ def summary(times: list[float]) -> dict:
 @click.option(
     "--untuned",
     is_flag=True,
-    help="Skip fastvlm_mlx.cpu.tune_cpu for both sides (MLX's own JIT flags and buffer cache); use a fresh TMPDIR.",
+    help="MLX's own kernel flags and buffer cache for both sides (our modules still use the CPU backend).",
 )
 def main(runs: int, warmup: int, size: int, tokens: int, out: str, untuned: bool) -> None:
     mx.set_default_device(mx.cpu)
+    jit.private_kernel_folder(native=not untuned)  # process-wide: mlx-vlm gets the same kernel flags
     if not untuned:
-        cpu.tune_cpu()  # process-wide: mlx-vlm gets the -march=native kernels and buffer cache too
-    use_for_mlx_lm_qwen2()  # ours, as load_model sets it up; mlx-vlm's model has its own attention
-    tower = random_tower(0)
+        jit.keep_freed_buffers()  # and the same buffer cache
+    tower = random_tower(0)  # on the CPU backend, as load_model switches a model
     their_tower = vlm_tower(tower)
     ours_lm = qwen2.Model(qwen2.ModelArgs.from_dict(QWEN2_05B))
+    modules.swap_modules(ours_lm)  # ours, as load_model switches it; mlx-vlm's model has its own attention
     their_lm = LanguageModel(TextConfig.from_dict(QWEN2_05B))
     their_lm.load_weights(tree_flatten(ours_lm.parameters()))
     mx.eval(ours_lm.parameters(), their_lm.parameters())

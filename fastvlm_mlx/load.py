@@ -9,9 +9,8 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from fastvlm_mlx.config import FastVLMConfig
-from fastvlm_mlx.cpu import tune_cpu
+from fastvlm_mlx.cpu import use_cpu_backend
 from fastvlm_mlx.errors import UserError
-from fastvlm_mlx.fastmath import use_for_mlx_lm_qwen2
 from fastvlm_mlx.model import FastVLM
 from fastvlm_mlx.quantize import quantize_model
 
@@ -62,11 +61,9 @@ def check_weights(model: FastVLM, weights: dict[str, mx.array], where: str) -> N
 def load_model(model_dir: str | Path | None = None) -> tuple[FastVLM, TokenizerWrapper]:
     """Build the model from its config, load and check its weights, load the tokenizer.
 
-    Without a directory, the embedded easy-VQA model is loaded. On the CPU, first applies
-    `tune_cpu` and routes mlx-lm's Qwen2 attention through `fastmath.attention`."""
+    Without a directory, the embedded easy-VQA model is loaded. On the CPU the model is
+    switched onto the CPU backend (`fastvlm_mlx.cpu.use_cpu_backend`)."""
     model_dir = embedded_model() if model_dir is None else Path(model_dir)
-    tune_cpu()
-    use_for_mlx_lm_qwen2()
     config = read_config(model_dir)
     weights_path = model_dir / WEIGHTS_FILE
     if not weights_path.is_file():
@@ -79,6 +76,7 @@ def load_model(model_dir: str | Path | None = None) -> tuple[FastVLM, TokenizerW
     model.load_weights(list(weights.items()))
     model.eval()
     mx.eval(model.parameters())
+    use_cpu_backend(model)
     return model, read_tokenizer(model_dir, list(config.eos_token_ids))
 
 

@@ -5,7 +5,6 @@ import mlx.nn as nn
 from mlx_lm.models import qwen2
 
 from fastvlm_mlx.config import FastVLMConfig
-from fastvlm_mlx.fastmath import gelu
 from fastvlm_mlx.vision import FastViT
 
 
@@ -18,7 +17,7 @@ class Projector(nn.Module):
         self.linear_2 = nn.Linear(d_text, d_text)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(gelu(self.linear_1(x)))
+        return self.linear_2(nn.gelu(self.linear_1(x)))
 
 
 class FastVLM(nn.Module):

@@ -2,104 +2,18 @@
 
 Parameter names follow timm's `fastvit` so the key map stays short. BatchNorm and layer
 scale are folded into the neighbouring convs by the converter, so there are none here.
+Device-neutral: MLX's own ops (grouped `conv2d`, `nn.gelu`, `mx.fast` attention), what MLX
+runs best on a GPU. On the CPU, `fastvlm_mlx.cpu` swaps in faster versions of these modules.
 """
-
-import os
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from fastvlm_mlx import native
 from fastvlm_mlx.config import VisionConfig
-from fastvlm_mlx.fastmath import attention, exact_gelu, gelu
-
-
-@mx.compile
-def _taps(padded: mx.array, weight: mx.array, bias: mx.array, stride: int, h_out: int, activate: bool) -> mx.array:
-    """Grouped conv over an already padded input, as shifted multiply-adds fused into one loop:
-    padded (B, Hp, Wp, C), weight (C * m, k, k, 1), output rows h_out, optional GELU."""
-    B, _, Wp, C = padded.shape
-    c_out, k = weight.shape[:2]
-    w_out = (Wp - k) // stride + 1
-    # taps[i, j] (C, m): output channel c * m + j reads input channel c; contiguous, so that the
-    # fused loop's innermost axis has stride 1 for every input
-    taps = mx.contiguous(weight.reshape(C, c_out // C, k, k).transpose(2, 3, 0, 1))
-    padded = padded[..., None]
-    out = None
-    for i in range(k):
-        for j in range(k):
-            window = padded[:, i : i + stride * (h_out - 1) + 1 : stride, j : j + stride * (w_out - 1) + 1 : stride]
-            term = window * taps[i, j]
-            out = term if out is None else out + term
-    out = out.reshape(B, h_out, w_out, c_out) + bias
-    return exact_gelu(out) if activate else out
-
-
-_STREAMS: list = []
-
-
-def _cpu_streams() -> list:
-    """One stream per core (up to 4) when MLX runs on the CPU, else none.
-
-    MLX's CPU backend runs each elementwise kernel on one thread (only GEMMs are threaded, by
-    the BLAS), so the fused conv loops are split by rows across streams, one per core.
-    """
-    if mx.default_device() != mx.cpu:
-        return []
-    if not _STREAMS:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(min(cores, 4)))
-    return _STREAMS if len(_STREAMS) > 1 else []
-
-
-def _by_rows(rows: int, run, split: bool = True) -> mx.array:
-    """run(lo, hi) on row bands [lo, hi) of axis 1, one band per CPU stream, concatenated;
-    a single run(0, rows) off the CPU, when there are fewer rows than streams, or unless split."""
-    streams = _cpu_streams()
-    if not streams or rows < len(streams) or not split:
-        return run(0, rows)
-    cuts = [rows * i // len(streams) for i in range(len(streams) + 1)]
-    parts = []
-    for stream, lo, hi in zip(streams, cuts, cuts[1:], strict=False):
-        with mx.stream(stream):
-            parts.append(run(lo, hi))
-    return mx.concatenate(parts, axis=1)
-
-
-def grouped_conv(
-    x: mx.array, weight: mx.array, bias: mx.array | None = None, stride: int = 1, activate: bool = False
-) -> mx.array:
-    """Conv with groups == input channels (depthwise, or m filters per channel), plus bias and
-    optionally GELU, in one fused loop per CPU core (MLX's grouped conv2d is slow on CPU).
-
-    x (B, H, W, C), weight (C * m, k, k, 1) as nn.Conv2d stores it; padding k // 2.
-    """
-    H, c_out, k = x.shape[1], weight.shape[0], weight.shape[1]
-    bias = mx.zeros((c_out,), dtype=x.dtype) if bias is None else bias
-    m = c_out // x.shape[-1]
-    if mx.default_device() == mx.cpu and m >= 1:  # the C depthwise kernel where it applies, once per filter
-        threads = max(1, len(_cpu_streams()))
-        outs = [native.depthwise(x, weight[j::m], bias[j::m], stride, threads) for j in range(m)]
-        if all(out is not None for out in outs):
-            out = outs[0] if m == 1 else mx.stack(outs, axis=-1).reshape(*outs[0].shape[:3], c_out)
-            return gelu(out) if activate else out
-    pad = k // 2
-    h_out = (H + 2 * pad - k) // stride + 1
-    padded = mx.pad(x, [(0, 0), (pad, pad), (pad, pad), (0, 0)])
-
-    def band(lo: int, hi: int) -> mx.array:  # output rows [lo, hi) read input rows lo*stride ... (hi-1)*stride+k
-        return _taps(padded[:, lo * stride : (hi - 1) * stride + k], weight, bias, stride, hi - lo, activate)
-
-    return _by_rows(h_out, band, split=k > 3)  # a 3x3 band saves less than the concatenation costs
 
 
 def _conv(c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2, groups=groups)
-
-
-def _apply(conv: nn.Conv2d, x: mx.array, stride: int = 1, activate: bool = False) -> mx.array:
-    """Run an nn.Conv2d whose groups equal its input channels through grouped_conv."""
-    return grouped_conv(x, conv.weight, conv.get("bias"), stride, activate)
 
 
 class ConvAct(nn.Module):
@@ -111,9 +25,7 @@ class ConvAct(nn.Module):
         self.stride, self.grouped = stride, groups == c_in > 1
 
     def __call__(self, x: mx.array) -> mx.array:
-        if self.grouped:
-            return _apply(self.reparam_conv, x, self.stride, activate=True)
-        return gelu(self.reparam_conv(x))
+        return nn.gelu(self.reparam_conv(x))
 
 
 class PointwiseAct(nn.Module):
@@ -124,7 +36,7 @@ class PointwiseAct(nn.Module):
         self.reparam_conv = nn.Linear(c_in, c_out)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return gelu(self.reparam_conv(x))
+        return nn.gelu(self.reparam_conv(x))
 
 
 class DepthwiseConv(nn.Module):
@@ -135,17 +47,7 @@ class DepthwiseConv(nn.Module):
         self.reparam_conv = _conv(dim, dim, k, groups=dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return _apply(self.reparam_conv, x)
-
-
-@mx.compile
-def _bias_gelu(h: mx.array, bias: mx.array) -> mx.array:
-    return exact_gelu(h + bias)
-
-
-@mx.compile
-def _add_bias(x: mx.array, y: mx.array, bias: mx.array) -> mx.array:
-    return x + y + bias
+        return self.reparam_conv(x)
 
 
 class ConvMlp(nn.Module):
@@ -158,10 +60,8 @@ class ConvMlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        """x + MLP(x). The biases ride in the GELU and residual loops (nn.Linear would first copy
-        them into each output, an extra pass over the largest arrays of the tower)."""
-        h = _bias_gelu(_apply(self.conv, x) @ self.fc1.weight.T, self.fc1.bias)
-        return _add_bias(x, h @ self.fc2.weight.T, self.fc2.bias)
+        """x + MLP(x)."""
+        return x + self.fc2(nn.gelu(self.fc1(self.conv(x))))
 
 
 class Attention(nn.Module):
@@ -177,10 +77,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
         if not with_scores:
-            if mx.default_device() == mx.cpu:
-                out = attention(q, k, v, self.scale)
-            else:
-                out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
             received = None
         else:
             probs = mx.softmax((q * self.scale) @ k.swapaxes(-1, -2), axis=-1, precise=True)
@@ -270,7 +167,7 @@ class FinalConv(nn.Module):
         self.se = SqueezeExcite(out, int(out * se_ratio))
 
     def __call__(self, x: mx.array) -> mx.array:
-        return gelu(self.se(_apply(self.reparam_conv, x)))
+        return nn.gelu(self.se(self.reparam_conv(x)))
 
 
 class FastViT(nn.Module):

@@ -124,35 +124,3 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     out = weights @ mx.concatenate([v, mx.ones((*v.shape[:-1], 1), mx.float32)], axis=-1)
     out = out[..., :d] / out[..., d:]
     return out.reshape(B, H, L, d).astype(q.dtype)
-
-
-def use_for_mlx_lm_qwen2() -> None:
-    """Route mlx-lm's Qwen2 prefill attention through `attention`, and its SwiGLU through
-    `silu_mul`, on the CPU: MLX's CPU exp and sigmoid are scalar loops (a 0.5B model's 286-token
-    prefill spends ~0.2 s in each otherwise). Decode attention, other devices, quantized KV
-    caches, attention sinks and batched (4-D) masks keep mlx-lm's own functions. Process-wide
-    (mlx-lm looks both up in its qwen2 module); idempotent."""
-    from mlx_lm.models import activations, base, qwen2
-
-    if getattr(qwen2.scaled_dot_product_attention, "routed_by_fastvlm_mlx", False):
-        return
-
-    def swiglu(gate, x):
-        return silu_mul(gate, x) if mx.default_device() == mx.cpu else activations.swiglu(gate, x)
-
-    def routed(queries, keys, values, cache, scale, mask, sinks=None):
-        plain_mask = mask is None or isinstance(mask, str) or mask.ndim <= 2
-        prefill = queries.shape[2] > 1  # decode would recompile the exp for every new length
-        if (
-            mx.default_device() != mx.cpu
-            or sinks is not None
-            or hasattr(cache, "bits")
-            or not plain_mask
-            or not prefill
-        ):
-            return base.scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks)
-        return attention(queries, keys, values, scale, mask)
-
-    routed.routed_by_fastvlm_mlx = True
-    qwen2.scaled_dot_product_attention = routed
-    qwen2.swiglu = swiglu

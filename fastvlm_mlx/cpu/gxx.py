@@ -1,4 +1,4 @@
-"""The g++ that MLX's CPU kernel builds run through once `cpu.use_native_jit` is on.
+"""The g++ that MLX's CPU kernel builds run through once `jit.private_kernel_folder` put it on PATH.
 
 Run as `python -I -S gxx.py REAL_GXX KERNEL_FOLDER ARGS...` (standalone: no imports from this
 package) for shared-library builds. A build of one source in MLX's kernel folder gets
@@ -17,9 +17,8 @@ import os
 import re
 import sys
 
-BUILT = "// built by fastvlm-mlx gxx.py, version 1"  # cpu.py rebuilds kernels without it
+BUILT = "// built by fastvlm-mlx gxx.py, version 1"
 MARK = "// fastvlm-mlx: unit-stride innermost loop"
-WORKS = ".fastvlm-mlx-gxx"  # written into the kernel folder once a build came through here
 _READ = re.compile(r"  (\w+) tmp_(\w+) = \*(\w+);")
 _WRITE = re.compile(r"  \*(\w+)\+\+ = (tmp_\w+);")
 
@@ -70,7 +69,6 @@ def main(real: str, folder: str, args: list[str]) -> None:
             if not source.startswith(BUILT):
                 with open(sources[0], "w") as f:
                     f.write(f"{BUILT}\n{unit_stride_loop(source)}")
-            open(os.path.join(folder, WORKS), "a").close()
         except OSError:
             pass  # compile what is there
     os.execv(real, [real, *(["-march=native"] if mlx_kernel else []), *args])

@@ -9,8 +9,9 @@ OpenBLAS copies (FASTVLM_MLX_OPENBLAS_CORETYPE sets ours). MKL runs AVX2 code on
 against 470 GFLOP/s on a 2-core AMD EPYC. The library's symbols carry a `scipy_` prefix, so a
 small C shim, built once with the system compiler and cached, forwards `cblas_sgemm` & co.
 
-Without a compiler: MKL, then a system OpenBLAS. FASTVLM_MLX_BLAS=mkl|openblas picks one;
-FASTVLM_MLX_NO_BLAS=1 loads none. This module must not import mlx.
+Without a compiler: MKL, then a system OpenBLAS. FASTVLM_MLX_BLAS=mkl|openblas picks one.
+`fastvlm_mlx.cpu` runs `load_optimized_blas` just before the first `import mlx.core`. This
+module must not import mlx.
 """
 
 import ctypes
@@ -21,7 +22,8 @@ import sys
 import sysconfig
 import warnings
 
-from fastvlm_mlx.native import build
+from fastvlm_mlx.cpu.native import build
+from fastvlm_mlx.cpu.private import cpu_info
 
 _SYSTEM_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 _AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}  # what OpenBLAS's SkylakeX kernels use
@@ -68,15 +70,6 @@ def _search_dirs() -> list[str]:
 def _first(pattern: str) -> str | None:
     paths = [p for d in _search_dirs() for p in sorted(glob.glob(os.path.join(d, pattern)))]
     return paths[0] if paths else None
-
-
-def cpu_info(field: str) -> str | None:
-    """The first `field` entry of /proc/cpuinfo ("flags", "model name"), or None (not Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.split(":")[0].strip() == field), None)
-    except OSError:
-        return None
 
 
 def _load_scipy_openblas() -> str | None:
@@ -130,7 +123,7 @@ _LOADERS = {"openblas": (_load_scipy_openblas, _load_system_openblas), "mkl": (_
 def load_optimized_blas() -> str:
     """Preload the first BLAS that loads; returns a description of the BLAS in use."""
     global BLAS_IN_USE
-    if not sys.platform.startswith("linux") or os.environ.get("FASTVLM_MLX_NO_BLAS"):
+    if not sys.platform.startswith("linux"):
         return BLAS_IN_USE
     if "mlx.core" in sys.modules:
         warnings.warn(

@@ -1,7 +1,6 @@
 """Small C kernels that MLX's CPU backend lacks, built on first use with the system compiler
-and cached in ~/.cache/fastvlm-mlx (built for this machine's CPU: do not share that folder
-between different machines). This module must not import mlx at import time: `blas` uses
-`build` before mlx is loaded.
+and cached in the private folder (`private.py`: per user, per CPU). This module must not
+import mlx at import time: `blas` uses `build` before mlx is loaded.
 
 Depthwise conv: MLX has no fast CPU kernel for it (`conv2d(groups=C)` is ~20x slower than
 torch's), and a fused `mx.compile` graph of shifted multiply-adds is split into ~5 kernels by
@@ -19,40 +18,37 @@ import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from fastvlm_mlx.cpu import private
 
-def _cache_folder() -> str | None:
-    """$XDG_CACHE_HOME/fastvlm-mlx (~/.cache/fastvlm-mlx): ours alone, or None (no library
-    is loaded from a folder anyone else could write)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    folder = os.path.join(base, "fastvlm-mlx")
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    info = os.stat(folder)
-    return folder if info.st_uid == os.getuid() and not info.st_mode & 0o022 else None
+
+def compiler() -> str | None:
+    """The C compiler builds use: the first of cc, gcc, clang, g++ on PATH."""
+    return next(filter(None, map(shutil.which, ("cc", "gcc", "clang", "g++"))), None)
 
 
 def build(source: str, name: str, flags: tuple[str, ...] = ()) -> str | None:
-    """Compile C `source` into a cached shared library: its path, or None (no compiler, no
-    private cache folder, or the build failed)."""
-    compiler = next(filter(None, map(shutil.which, ("cc", "gcc", "clang", "g++"))), None)
+    """Compile C `source` into a cached shared library in the private folder: its path, or
+    None (no compiler, no private folder, or the build failed)."""
+    cc = compiler()
+    folder = private.machine_folder() if cc else None
+    if folder is None:
+        return None
     try:
-        folder = _cache_folder() if compiler else None
-        if folder is None:
-            return None
-        key = hashlib.sha256(f"{source}{compiler}{flags}".encode()).hexdigest()[:16]
+        key = hashlib.sha256(f"{source}{os.path.realpath(cc)}{flags}".encode()).hexdigest()[:16]
         library = os.path.join(folder, f"lib{name}-{key}.so")
-        if os.path.exists(library):
+        if private.owned_file(library):
             return library
         with tempfile.TemporaryDirectory(dir=folder) as work:
             src, built = os.path.join(work, f"{name}.c"), os.path.join(work, f"{name}.so")
             with open(src, "w") as f:
                 f.write(source)
-            language = [] if compiler.endswith("++") else ["-x", "c"]
-            command = [compiler, "-O3", "-shared", "-fPIC", *flags, *language, src, "-o", built]
+            language = [] if cc.endswith("++") else ["-x", "c"]
+            command = [cc, "-O3", "-shared", "-fPIC", *flags, *language, src, "-o", built]
             if subprocess.run(command, capture_output=True, timeout=300).returncode != 0:
                 return None
             os.replace(built, library)  # atomic: a concurrent build yields the same file
         return library
-    except (OSError, AttributeError, subprocess.SubprocessError):  # read-only home, no getuid, ...
+    except (OSError, subprocess.SubprocessError):  # disk full, compiler killed, ...
         return None
 
 
@@ -113,7 +109,7 @@ _LOCK = threading.Lock()  # one call at a time uses them
 
 def _library():
     if not _LIBRARY:
-        path = None if os.environ.get("FASTVLM_MLX_NO_NATIVE") else build(_DEPTHWISE, "depthwise", ("-march=native",))
+        path = build(_DEPTHWISE, "depthwise", ("-march=native",))
         lib = ctypes.CDLL(path) if path else None
         if lib is not None:
             lib.depthwise.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 9

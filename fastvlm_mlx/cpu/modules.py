@@ -1,0 +1,146 @@
+"""CPU versions of the model's modules, and `swap_modules`: the one place a model is switched
+onto them.
+
+Each class here subclasses a model module (ours, or mlx-lm's Qwen2 attention and MLP), keeps
+its parameters and overrides only `__call__`; `swap_modules` changes the class of each such
+module of one model instance, nothing else (no other model, no other package's globals).
+Off the CPU every override hands back to the model's own `__call__`.
+"""
+
+import functools
+
+import mlx.core as mx
+from mlx_lm.models import qwen2
+
+from fastvlm_mlx import model, vision
+from fastvlm_mlx.cpu.conv import grouped_conv
+from fastvlm_mlx.cpu.fastmath import attention, exact_gelu, gelu, silu_mul
+
+
+def cpu_only(call):
+    """Run `call` on the CPU, the model's own `__call__` (the base class's) elsewhere."""
+
+    @functools.wraps(call)
+    def dispatch(self, *args, **kwargs):
+        if mx.default_device() != mx.cpu:
+            return super(type(self), self).__call__(*args, **kwargs)
+        return call(self, *args, **kwargs)
+
+    return dispatch
+
+
+def _conv(conv, x: mx.array, activate: bool = False) -> mx.array:
+    return grouped_conv(x, conv.weight, conv.get("bias"), conv.stride[0], activate)
+
+
+class ConvAct(vision.ConvAct):
+    @cpu_only
+    def __call__(self, x):
+        return _conv(self.reparam_conv, x, activate=True) if self.grouped else gelu(self.reparam_conv(x))
+
+
+class PointwiseAct(vision.PointwiseAct):
+    @cpu_only
+    def __call__(self, x):
+        return gelu(self.reparam_conv(x))
+
+
+class DepthwiseConv(vision.DepthwiseConv):
+    @cpu_only
+    def __call__(self, x):
+        return _conv(self.reparam_conv, x)
+
+
+@mx.compile
+def _bias_gelu(h: mx.array, bias: mx.array) -> mx.array:
+    return exact_gelu(h + bias)
+
+
+@mx.compile
+def _add_bias(x: mx.array, y: mx.array, bias: mx.array) -> mx.array:
+    return x + y + bias
+
+
+class ConvMlp(vision.ConvMlp):
+    @cpu_only
+    def __call__(self, x):
+        """The biases ride in the GELU and residual loops (nn.Linear would first copy them into
+        each output, an extra pass over the largest arrays of the tower)."""
+        h = _bias_gelu(_conv(self.conv, x) @ self.fc1.weight.T, self.fc1.bias)
+        return _add_bias(x, h @ self.fc2.weight.T, self.fc2.bias)
+
+
+class Attention(vision.Attention):
+    @cpu_only
+    def __call__(self, x, with_scores: bool = False):
+        if with_scores:  # explicit softmax either way
+            return super().__call__(x, with_scores)
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
+        out = attention(q, k, v, self.scale)
+        return self.proj(out.transpose(0, 2, 1, 3).reshape(B, N, C)), None
+
+
+class FinalConv(vision.FinalConv):
+    @cpu_only
+    def __call__(self, x):
+        return gelu(self.se(_conv(self.reparam_conv, x)))
+
+
+class Projector(model.Projector):
+    @cpu_only
+    def __call__(self, x):
+        return self.linear_2(gelu(self.linear_1(x)))
+
+
+class Qwen2Attention(qwen2.Attention):
+    """Prefill through `fastmath.attention` (MLX's CPU exp is a scalar loop: ~0.2 s of a 0.5B
+    model's 286-token prefill). Decode steps (which would recompile the exp for every new
+    length), quantized KV caches and batched (4-D) masks keep mlx-lm's own path."""
+
+    @cpu_only
+    def __call__(self, x, mask=None, cache=None):
+        B, L, _ = x.shape
+        plain_mask = mask is None or isinstance(mask, str) or mask.ndim <= 2
+        if L == 1 or hasattr(cache, "bits") or not plain_mask:
+            return super().__call__(x, mask, cache)
+        queries = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        keys = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        values = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = 0 if cache is None else cache.offset
+        queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+        out = attention(queries, keys, values, self.scale, mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class Qwen2MLP(qwen2.MLP):
+    """SwiGLU through `fastmath.silu_mul` (MLX's CPU sigmoid is a scalar loop)."""
+
+    @cpu_only
+    def __call__(self, x):
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+_CPU_MODULES = (ConvAct, PointwiseAct, DepthwiseConv, ConvMlp, Attention, FinalConv, Projector)
+SWAPS = {swap.__mro__[1]: swap for swap in (*_CPU_MODULES, Qwen2Attention, Qwen2MLP)}  # model class -> ours
+
+
+def swap_modules(root) -> int:
+    """Switch every module of `root` that has a CPU version onto it; returns how many."""
+    swapped = 0
+    for _, module in root.named_modules():
+        if type(module) in SWAPS:
+            module.__class__ = SWAPS[type(module)]
+            swapped += 1
+    return swapped
+
+
+def unswap_modules(root) -> None:
+    """Back to the model's own modules (MLX's ops everywhere)."""
+    originals = {swap: plain for plain, swap in SWAPS.items()}
+    for _, module in root.named_modules():
+        if type(module) in originals:
+            module.__class__ = originals[type(module)]
