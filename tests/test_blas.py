@@ -39,7 +39,7 @@ def run(env_extra: dict) -> list[str]:
 
 @pytest.mark.skipif(not LINUX, reason="BLAS preloading is Linux-only")
 def test_openblas_behind_the_shim_gives_numpys_products():
-    from fastvlm_mlx import native
+    from fastvlm_mlx.cpu import native
 
     if native.build("int probe(void) { return 1; }\n", "probe") is None:
         pytest.skip("no C compiler or no private cache folder here")
@@ -68,15 +68,18 @@ def test_the_users_openblas_coretype_is_left_as_it_was():
 
 
 def test_native_libraries_are_built_only_in_a_private_folder(tmp_path, monkeypatch):
-    from fastvlm_mlx import native
+    from fastvlm_mlx.cpu import native, private
 
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler here")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(private, "_FOLDER", [])
     source = "int answer(void) { return 42; }\n"
     built = native.build(source, "answer")
-    assert built and os.path.dirname(built) == str(tmp_path / "fastvlm-mlx")
+    assert built and os.path.dirname(built) == str(tmp_path / "fastvlm-mlx" / private.cpu_key())
     assert __import__("ctypes").CDLL(built).answer() == 42
-    os.chmod(tmp_path / "fastvlm-mlx", 0o777)  # others could plant a library there: not used
-    assert native.build(source, "answer") is None
     assert native.build("this is not C", "broken") is None
+    os.chmod(tmp_path / "fastvlm-mlx", 0o777)  # others could plant a library there: not used
+    monkeypatch.setattr(private, "_FOLDER", [])
+    elsewhere = native.build(source, "answer")
+    assert elsewhere is None or not elsewhere.startswith(str(tmp_path))

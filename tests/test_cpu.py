@@ -1,16 +1,20 @@
-"""The CPU settings: MLX's kernel builds get -march=native, other g++ calls do not; freed
-buffers are kept."""
+"""The CPU backend's private folder and kernel builds: MLX's kernel builds in our folder get
+-march=native and unit-stride loops, other g++ calls do not; folders others could change are
+never used; builds are keyed by the CPU; freed buffers are kept."""
 
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 
 import mlx.core as mx
 import pytest
 
-from fastvlm_mlx import cpu, gxx
+from fastvlm_mlx.cpu import gxx, jit, private
+
+LINUX = sys.platform.startswith("linux")
 
 
 def macros(compiler: str, source: str, *args: str) -> set[str]:
@@ -19,57 +23,39 @@ def macros(compiler: str, source: str, *args: str) -> set[str]:
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="checks x86 ISA macros")
-def test_only_mlx_kernel_builds_get_native_flags(tmp_path):
-    if not cpu.use_native_jit():
+def test_only_builds_in_our_kernel_folder_get_native_flags(tmp_path):
+    if not jit.native_flags_apply():
         pytest.skip("no g++ here")
-    first, *rest = os.environ["PATH"].split(os.pathsep)
-    wrapper, real = shutil.which("g++"), shutil.which("g++", path=os.pathsep.join(rest))
-    assert wrapper == os.path.join(first, "g++") and real is not None
-    os.makedirs(cpu.kernel_folder(), exist_ok=True)
-    kernel, elsewhere = os.path.join(cpu.kernel_folder(), f"test-{os.getpid()}.cpp"), str(tmp_path / "mine.cpp")
+    folder = jit.private_kernel_folder(native=True)
+    if not jit.native_jit():
+        pytest.skip("this process chose MLX's own flags first")
+    wrapper, real = shutil.which("g++"), jit._real_gxx()
+    assert os.path.dirname(wrapper).startswith(private.machine_folder()) and real != wrapper
+    kernels = os.path.join(folder, "mlx", mx.__version__, "cpu")
+    os.makedirs(kernels, exist_ok=True)
+    kernel, elsewhere = os.path.join(kernels, f"test-{os.getpid()}.cpp"), str(tmp_path / "mine.cpp")
     for path in (kernel, elsewhere):
         open(path, "w").close()
     try:
         assert macros(wrapper, kernel, "-fPIC", "-shared") == macros(real, kernel, "-march=native", "-fPIC", "-shared")
         assert macros(wrapper, elsewhere, "-fPIC", "-shared") == macros(real, elsewhere, "-fPIC", "-shared")
-        assert open(elsewhere).read() == ""  # a source outside MLX's kernel folder is not touched
+        assert open(elsewhere).read() == ""  # a source outside our kernel folder is not touched
     finally:
         os.remove(kernel)
 
 
-def fresh_env() -> dict:
-    """This process's environment without the opt-out and without a wrapper put on PATH by an
-    earlier test; skips where there is no g++ on Linux."""
-    if shutil.which("g++") is None or not sys.platform.startswith("linux"):
-        pytest.skip("no g++ here")
-    env = {k: v for k, v in os.environ.items() if k != "FASTVLM_MLX_NO_NATIVE_JIT"}
-    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if "fastvlm-mlx-jit" not in p)
-    return env
-
-
-@pytest.mark.parametrize("opt_out", [True, False])
-def test_opting_out_keeps_path(opt_out):
-    code = (
-        "import os; from fastvlm_mlx import cpu; print(cpu.use_native_jit(), 'fastvlm-mlx-jit' in os.environ['PATH'])"
-    )
-    env = dict(fresh_env(), FASTVLM_MLX_NO_NATIVE_JIT="1") if opt_out else fresh_env()
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == [str(not opt_out)] * 2
-
-
-def test_freed_buffers_are_kept_on_the_cpu():
-    if mx.default_device() != mx.cpu:
-        pytest.skip("CPU only")
-    cpu.keep_freed_buffers()
-    limit = mx.set_cache_limit(0)
-    mx.set_cache_limit(limit)
-    assert limit == cpu.CACHE_LIMIT > 32 << 20
+def clean_env(home) -> dict:
+    """This environment with a fresh HOME, no fastvlm-mlx settings and none of our PATH entries."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTVLM_MLX_") and k != "XDG_CACHE_HOME"}
+    root = private.machine_folder() or "\0"
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not p.startswith(root))
+    return env | {"HOME": str(home)}
 
 
 STRIDED = """
 import numpy as np, fastvlm_mlx, mlx.core as mx
-from fastvlm_mlx import cpu, gxx
-assert cpu.use_native_jit()
+from fastvlm_mlx.cpu import jit, private
+print(jit.private_kernel_folder(native=True))
 rng = np.random.default_rng(0)
 x, w, t = (rng.standard_normal(s, dtype=np.float32) for s in [(9, 11, 8), (8,), (8, 11)])
 unit = mx.compile(lambda x, w: mx.exp(x[1:-1, 2:] * w + 0.5))  # inner stride 1 for all
@@ -82,15 +68,22 @@ print(max(float(np.abs(g - v).max() / np.abs(v).max()) for g, v in zip(got, want
 
 def test_strided_kernels_get_a_unit_stride_loop_and_stay_right(tmp_path):
     """A slice times a per-channel vector (inner stride 1 everywhere: the new loop) and a slice
-    times a transposed input (inner stride 11: the original loop) give numpy's values."""
-    env = dict(fresh_env(), TMPDIR=str(tmp_path))
+    times a transposed input (inner stride 11: the original loop) give numpy's values; the
+    kernels are built in the private folder, none in TMPDIR."""
+    if not LINUX or not jit.native_flags_apply():
+        pytest.skip("no g++ here")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    env = clean_env(tmp_path) | {"TMPDIR": str(shared)}
     out = subprocess.run([sys.executable, "-c", STRIDED], env=env, capture_output=True, text=True, check=True)
-    assert float(out.stdout) < 1e-6  # relative to the largest value
-    assert (tmp_path / "mlx" / mx.__version__ / "cpu" / gxx.WORKS).is_file()
-    sources = [p.read_text() for p in (tmp_path / "mlx").rglob("*.cpp")]
+    folder, error = out.stdout.split()
+    assert float(error) < 1e-6  # relative to the largest value
+    assert folder.startswith(str(tmp_path / ".cache" / "fastvlm-mlx")) and folder.endswith("-native")
+    sources = [p.read_text() for p in (tmp_path / ".cache").rglob("*.cpp")]
     assert sources and all(s.startswith(gxx.BUILT) for s in sources)
     strided = [s for s in sources if "_strided_" in s]
     assert len(strided) >= 2 and all(gxx.MARK in s and "#pragma GCC ivdep" in s for s in strided)
+    assert list(shared.iterdir()) == []
 
 
 def test_sources_the_rewrite_does_not_know_are_left_alone():
@@ -99,16 +92,61 @@ def test_sources_the_rewrite_does_not_know_are_left_alone():
     assert gxx.unit_stride_loop(kernel) == kernel
 
 
-def test_kernels_built_without_the_wrapper_are_dropped(tmp_path, monkeypatch):
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    folder = tmp_path / "mlx" / mx.__version__ / "cpu"
-    folder.mkdir(parents=True)
-    for name, source in [("old", "// MLX's own\n"), ("ours", gxx.BUILT + "\n"), ("lost", None)]:
-        (folder / f"lib{name}.so").write_bytes(b"")
-        if source is not None:
-            (folder / f"{name}.cpp").write_text(source)
-    cpu._drop_stale_kernels()  # the wrapper never built here (MLX's command changed?): keep all
-    assert len(list(folder.glob("*.so"))) == 3
-    (folder / gxx.WORKS).write_text("")
-    cpu._drop_stale_kernels()
-    assert sorted(p.name for p in folder.glob("*.so")) == ["libours.so"]
+def test_freed_buffers_are_kept_on_the_cpu():
+    if mx.default_device() != mx.cpu:
+        pytest.skip("CPU only")
+    jit.keep_freed_buffers()
+    limit = mx.set_cache_limit(0)
+    mx.set_cache_limit(limit)
+    assert limit == jit.CACHE_LIMIT > 32 << 20
+
+
+def test_the_cache_key_names_the_cpu(monkeypatch):
+    """-march=native builds of one CPU are never found by another sharing the home folder."""
+    keys = set()
+    for model, flags in [("AMD EPYC", "avx2 avx512f"), ("AMD EPYC", "avx2"), ("Intel Xeon", "avx2")]:
+        monkeypatch.setattr(private, "cpu_info", lambda field, m=model, f=flags: m if field == "model name" else f)
+        keys.add(private.cpu_key())
+    assert len(keys) == 3
+
+
+@pytest.mark.skipif(not LINUX or os.getuid() != 0, reason="needs root to give a folder to another owner")
+def test_safe_path_rejects_what_others_can_change(tmp_path):
+    base = tmp_path / "base"
+    (base / "ours").mkdir(parents=True)
+    assert private.safe_path(str(base / "ours"))
+    base.chmod(0o777)  # world-writable, not sticky: others can swap `ours`
+    assert not private.safe_path(str(base / "ours"))
+    base.chmod(0o777 | stat.S_ISVTX)  # sticky (as /tmp): others cannot rename our entries
+    assert private.safe_path(str(base / "ours"))
+    base.chmod(0o755)
+    os.chown(base / "ours", 65534, 65534)  # another user's folder
+    assert not private.safe_path(str(base / "ours"))
+    link = tmp_path / "link"
+    link.symlink_to(base / "ours")  # followed: the target counts
+    assert not private.safe_path(str(link))
+
+
+def test_an_unsafe_home_cache_is_not_used(tmp_path, monkeypatch):
+    """~/.cache under a world-writable, non-sticky folder (others could swap it between our check
+    and a load): the private folder goes elsewhere, or there is none."""
+    open_parent = tmp_path / "open"
+    open_parent.mkdir()
+    open_parent.chmod(0o777)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(open_parent / "cache"))
+    monkeypatch.setattr(private, "_FOLDER", [])
+    folder = private.machine_folder()
+    assert folder is None or not folder.startswith(str(open_parent))
+    assert folder is None or private.safe_path(folder)
+
+
+def test_a_symlink_planted_as_our_folder_is_refused(tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (tmp_path / "cache").mkdir(mode=0o700)
+    (tmp_path / "cache" / "fastvlm-mlx").symlink_to(elsewhere)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(private, "_FOLDER", [])
+    folder = private.machine_folder()
+    assert folder is None or not folder.startswith(str(tmp_path))
+    assert list(elsewhere.iterdir()) == []

@@ -7,7 +7,7 @@ import pytest
 from mlx_lm.models import activations, base, qwen2
 from mlx_lm.models.cache import make_prompt_cache
 
-from fastvlm_mlx import fastmath
+from fastvlm_mlx.cpu import fastmath, modules
 
 
 def test_gelu_matches_exact_gelu_over_the_real_line():
@@ -67,7 +67,8 @@ def test_half_precision_stays_finite_and_close(dtype):
 def test_qwen2_prefill_is_routed_through_our_attention_with_the_same_logits(monkeypatch):
     """A prefill in two chunks (the second one's causal mask is offset by the cache), then decode
     steps: the same logits as mlx-lm's own attention and SwiGLU, and the prefill really ran our
-    attention (the decode steps mlx-lm's), every MLP our SwiGLU."""
+    attention (the decode steps mlx-lm's), every MLP our SwiGLU. Only the swapped model changes:
+    mlx-lm's module globals and another Qwen2 in the process keep mlx-lm's classes."""
     if mx.default_device() != mx.cpu:
         pytest.skip("routed on the CPU only")
     args = qwen2.ModelArgs(
@@ -82,7 +83,7 @@ def test_qwen2_prefill_is_routed_through_our_attention_with_the_same_logits(monk
         tie_word_embeddings=True,
     )
     mx.random.seed(0)
-    model = qwen2.Model(args)
+    model, other = qwen2.Model(args), qwen2.Model(args)
     ids = mx.array([[1, 5, 9, 2, 7, 7, 3, 11, 4]])
 
     def run():
@@ -91,15 +92,15 @@ def test_qwen2_prefill_is_routed_through_our_attention_with_the_same_logits(monk
         logits += [model(ids[:, i : i + 1], cache=cache) for i in range(7, 9)]
         return mx.concatenate(logits, axis=1)
 
-    # mlx-lm's own functions, even if a model loaded by an earlier test routed them; restored after
-    monkeypatch.setattr(qwen2, "scaled_dot_product_attention", base.scaled_dot_product_attention)
-    monkeypatch.setattr(qwen2, "swiglu", activations.swiglu)
     expected = run()
     calls, mlps = [], []
-    ours, our_swiglu = fastmath.attention, fastmath.silu_mul
-    monkeypatch.setattr(fastmath, "attention", lambda *a: calls.append(a[0].shape) or ours(*a))
-    monkeypatch.setattr(fastmath, "silu_mul", lambda *a: mlps.append(a[0].shape[1]) or our_swiglu(*a))
-    fastmath.use_for_mlx_lm_qwen2()
+    ours, our_swiglu = modules.attention, modules.silu_mul
+    monkeypatch.setattr(modules, "attention", lambda *a: calls.append(a[0].shape) or ours(*a))
+    monkeypatch.setattr(modules, "silu_mul", lambda *a: mlps.append(a[0].shape[1]) or our_swiglu(*a))
+    assert modules.swap_modules(model) == 4  # two attention and two MLP modules
     assert mx.abs(run() - expected).max().item() < 1e-4
     assert calls == [(1, 4, 4, 16)] * 2 + [(1, 4, 3, 16)] * 2  # two layers, two prefill chunks, no decode
     assert mlps == [4, 4, 3, 3, 1, 1, 1, 1]
+    assert qwen2.scaled_dot_product_attention is base.scaled_dot_product_attention
+    assert qwen2.swiglu is activations.swiglu
+    assert {type(m) for _, m in other.named_modules()} & set(modules.SWAPS.values()) == set()

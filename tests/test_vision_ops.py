@@ -1,13 +1,14 @@
-"""The vision tower's grouped conv against MLX's conv2d (the C depthwise kernel too), and its
+"""The CPU backend's grouped conv against MLX's conv2d (the C depthwise kernel too), and its
 split across CPU streams."""
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from fastvlm_mlx import native, vision
 from fastvlm_mlx.config import VisionConfig
-from fastvlm_mlx.vision import FastViT, grouped_conv
+from fastvlm_mlx.cpu import conv, native
+from fastvlm_mlx.cpu.conv import grouped_conv
+from fastvlm_mlx.vision import FastViT
 
 
 @pytest.mark.parametrize(
@@ -50,9 +51,9 @@ def test_split_across_cpu_streams_is_exact(monkeypatch):
     """Rows split over CPU streams give the same bits as one fused loop over the whole image."""
     x = mx.random.normal((1, 20, 18, 8), key=mx.random.key(3))
     weight, bias = mx.random.normal((8, 7, 7, 1), key=mx.random.key(4)), mx.zeros((8,))
-    monkeypatch.setattr(vision, "_STREAMS", [mx.new_stream(mx.cpu) for _ in range(3)])
+    monkeypatch.setattr(conv, "_STREAMS", [mx.new_stream(mx.cpu) for _ in range(3)])
     split = grouped_conv(x, weight, bias)
-    monkeypatch.setattr(vision, "_STREAMS", [mx.default_stream(mx.cpu)])
+    monkeypatch.setattr(conv, "_STREAMS", [mx.default_stream(mx.cpu)])
     assert mx.array_equal(split, grouped_conv(x, weight, bias)).item()
 
 
