@@ -3,6 +3,13 @@
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from fastvlm_mlx.errors import UserError
+
+# FastViTHD's peak memory grows with the 4th power of the side (stage-3 attention over
+# (side/32)^2 tokens): float32 on a CPU, 0.7 GiB at 1024 and 3.8 GiB at 2048 (measured, weights
+# included); 4096 would need over 25 GiB for each stage-3 attention matrix alone.
+MAX_IMAGE_SIZE = 2048
+
 
 def _known(cls, values: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in fields(cls)}
@@ -38,6 +45,16 @@ class VisionConfig:
         return 4 * 2 ** sum(self.downsamples)
 
 
+def check_image_size(size: int, stride: int = 64) -> int:
+    """`size` if it is a usable input side for a tower of this stride, else a UserError with the fix."""
+    if isinstance(size, bool) or not isinstance(size, int) or size % stride or not stride <= size <= MAX_IMAGE_SIZE:
+        raise UserError(
+            f"image size {size!r} is not usable: give a multiple of the vision tower's stride {stride} "
+            f"between {stride} and {MAX_IMAGE_SIZE} (FastViTHD needs about 3.8 GiB at 2048, float32)"
+        )
+    return size
+
+
 @dataclass
 class FastVLMConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -50,6 +67,9 @@ class FastVLMConfig:
     quantization: dict[str, Any] | None = None  # {"bits", "group_size", "projector"}; vision stays float
     pruner: str | None = None  # applied by default when generating; None = keep every visual token
     keep_ratio: float = 1.0
+    # Apple's `tokenizer_model_max_length`: its runtime cuts the merged text + image sequence to
+    # this many positions. None: no limit beyond the LLM's own max_position_embeddings.
+    max_context: int | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "FastVLMConfig":
