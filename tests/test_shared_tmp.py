@@ -142,13 +142,16 @@ def second_user() -> tuple[list[str], dict]:
     candidates = [os.path.realpath(sys.executable), shutil.which(version, path="/usr/local/bin:/usr/bin:/bin") or ""]
     site = sysconfig.get_paths()["purelib"]
     for python in filter(None, candidates):
-        probe = subprocess.run(
-            [python, "-c", "import mlx.core, fastvlm_mlx"],
-            env={"PYTHONPATH": f"{REPO}:{site}", "PATH": os.environ["PATH"], "HOME": "/nonexistent"},
-            user=SECOND_USER,
-            capture_output=True,
-            cwd="/",
-        )
+        try:
+            probe = subprocess.run(
+                [python, "-c", "import mlx.core, fastvlm_mlx"],
+                env={"PYTHONPATH": f"{REPO}:{site}", "PATH": os.environ["PATH"], "HOME": "/nonexistent"},
+                user=SECOND_USER,
+                capture_output=True,
+                cwd="/",
+            )
+        except OSError:  # that user may not run it (e.g. an interpreter under /root)
+            continue
         if probe.returncode == 0:
             return [python], {"PYTHONPATH": f"{REPO}:{site}"}
     pytest.skip(f"no Python interpreter with this checkout's packages that {SECOND_USER} can run")
