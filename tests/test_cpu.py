@@ -150,3 +150,14 @@ def test_a_symlink_planted_as_our_folder_is_refused(tmp_path, monkeypatch):
     folder = private.machine_folder()
     assert folder is None or not folder.startswith(str(tmp_path))
     assert list(elsewhere.iterdir()) == []
+
+
+def test_without_a_private_folder_mlx_builds_nothing(monkeypatch):
+    """No safe folder to build and load kernels in: MLX's compile is turned off, TMPDIR untouched."""
+    disabled, putenv = [], []
+    monkeypatch.setattr(jit, "KERNEL_FOLDER", [])
+    monkeypatch.setattr(private, "subfolder", lambda name: None)
+    monkeypatch.setattr(mx, "disable_compile", lambda: disabled.append(True))
+    monkeypatch.setattr(os, "putenv", lambda *a: putenv.append(a))
+    assert jit.private_kernel_folder(native=True) is None
+    assert disabled == [True] and putenv == [] and not jit.native_jit()

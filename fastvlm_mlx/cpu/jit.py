@@ -83,12 +83,12 @@ def private_kernel_folder(native: bool) -> str | None:
         return KERNEL_FOLDER[0]
     native = native and native_flags_apply()
     folder = private.subfolder("mlx-kernels-native" if native else "mlx-kernels")
-    if folder is not None:
+    if folder and native and not _install_wrapper(os.path.join(folder, "mlx", mx.__version__, "cpu")):
+        folder = private.subfolder("mlx-kernels")  # kernels of MLX's own flags live apart
+    if folder:
         # putenv, not os.environ: MLX (C++) reads it at each build, Python's tempfile keeps the user's
         os.putenv("TMPDIR", folder)
-        if native and not _install_wrapper(os.path.join(folder, "mlx", mx.__version__, "cpu")):
-            folder = None
-    if folder is None:
+    else:
         mx.disable_compile()  # nowhere safe to build and load kernels
     KERNEL_FOLDER.append(folder)
     return folder
