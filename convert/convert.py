@@ -1,22 +1,25 @@
 """Convert an Apple (`llava_qwen2`) or transformers (`fast_vlm`) FastVLM checkpoint to MLX.
 
-load -> rename (keymap) -> fold BatchNorm and layer scale -> conv layouts -> tie/vocab
-rules -> check every parameter -> cast -> write atomically.
+read (source) -> rename (keymap) -> fold BatchNorm and layer scale -> conv layouts -> tie/vocab
+rules -> check every parameter -> cast -> publish at OUT without losing anything (replace).
 """
 
 import json
+import math
 import shutil
-import tempfile
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from convert import keymap
-from fastvlm_mlx.config import FastVLMConfig, VisionConfig
+from convert import keymap, replace
+from convert.source import check_vocabulary, read_json, read_weights, tokenizer_length, weight_files
+from fastvlm_mlx.config import FastVLMConfig, VisionConfig, check_image_size
 from fastvlm_mlx.errors import UserError
-from fastvlm_mlx.load import WEIGHTS_FILE, check_weights, read_tokenizer
+from fastvlm_mlx.load import WEIGHTS_FILE, check_weights
 from fastvlm_mlx.model import FastVLM
 from fastvlm_mlx.quantize import BITS, GROUP_SIZES, quantize_model
 from pruners import check
@@ -50,29 +53,17 @@ VISION_PRESETS = {
 }
 ORIGINAL_TOWERS = {"mobileclip_l": "fastvit_mci3"}  # mm_vision_tower prefix -> architecture
 BN_EPS = 1e-5
+EMBED = "language_model.model.embed_tokens.weight"
+# FastVlmConfig's default image_seq_length: save_pretrained writes it whether or not anyone set it
+# (the shipped easy-VQA checkpoint has it beside a 128-pixel processor), so it says nothing.
+DEFAULT_IMAGE_SEQ_LENGTH = 576
+DEFAULT_IMAGE_SIZE = 1024  # FastVLM's published resolution
 
 
-def read_source(src: Path) -> tuple[dict, dict[str, mx.array]]:
-    """config.json and all weights (safetensors, sharded or not; .bin via torch)."""
+def read_config(src: Path) -> dict:
     if not (src / "config.json").is_file():
         raise UserError(f"{src} has no config.json; pass a FastVLM checkpoint directory")
-    config = json.loads((src / "config.json").read_text())
-    files = sorted(src.glob("*.safetensors"))
-    if files:
-        weights = {}
-        for f in files:
-            weights.update(mx.load(str(f)))
-        return config, weights
-    bins = sorted(src.glob("*.bin"))
-    if not bins:
-        raise UserError(f"{src} has no *.safetensors or *.bin weights; download the full checkpoint")
-    import torch  # only the legacy pickle format needs torch
-
-    weights = {}
-    for f in bins:
-        for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
-            weights[k] = mx.array(v.float().numpy())
-    return config, weights
+    return read_json(src / "config.json")
 
 
 def vision_config(architecture: str, model_args: dict) -> VisionConfig:
@@ -96,21 +87,34 @@ def text_config(text: dict, vocab_size: int, tied: bool) -> dict:
     return {"model_type": "qwen2", **args, "vocab_size": vocab_size, "tie_word_embeddings": tied}
 
 
+def check_text_fields(text: dict) -> None:
+    """The Qwen2 fields we read are present and positive numbers (the tokenizer loader reads them too)."""
+    for name in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads"):
+        if name not in text:
+            raise UserError(f"config.json lacks the LLM's {name}; is this a FastVLM checkpoint?")
+    for name in TEXT_FIELDS:
+        value = text.get(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf
+        ):
+            raise UserError(f"config.json: {name} is {json.dumps(value)[:40]}, not a positive number; fix it")
+
+
 def eos_ids(src: Path, raw: dict, text: dict) -> tuple[int, ...]:
     ids = [raw.get("eos_token_id"), text.get("eos_token_id")]
     gen = src / "generation_config.json"
     if gen.is_file():
-        ids.append(json.loads(gen.read_text()).get("eos_token_id"))
-    flat = [i for x in ids for i in (x if isinstance(x, list) else [x]) if isinstance(i, int)]
+        ids.append(read_json(gen).get("eos_token_id"))
+    flat = [i for x in ids for i in (x if isinstance(x, list) else [x]) if isinstance(i, int) and i >= 0]
     return tuple(dict.fromkeys(flat))
 
 
-def rename(weights: dict[str, mx.array], to_hf) -> dict[str, mx.array]:
+def rename(weights: dict[str, mx.array], to_hf: Callable | None) -> dict[str, mx.array]:
     """Source keys -> MLX keys; every key is mapped or explicitly dropped, none twice."""
     out = {}
     for key, value in weights.items():
         try:
-            hf = to_hf(key)
+            hf = to_hf(key) if to_hf else key
             mlx_key = hf and keymap.hf_to_mlx(hf)
         except KeyError:
             raise UserError(f"unexpected checkpoint key {key!r}; is this a FastVLM checkpoint?") from None
@@ -182,61 +186,158 @@ def truncate_vocab(weights: dict[str, mx.array], size: int) -> None:
             weights[key] = weights[key][:size]
 
 
-def tokenizer_length(src: Path) -> int:
-    return len(read_tokenizer(src)._tokenizer)
+def describe_source(src: Path, raw: dict) -> tuple[VisionConfig, dict, bool, Callable | None, dict]:
+    """Vision config, Qwen2 fields, tie flag, key map to transformers names (None: already those)
+    and the FastVLMConfig fields read from the source."""
+    model_type = raw.get("model_type")
+    if model_type not in ("llava_qwen2", "fast_vlm"):
+        raise UserError(f"{src}: model_type {model_type!r} is not a FastVLM checkpoint (llava_qwen2 or fast_vlm)")
+    vision = source_vision(raw)
+    if model_type == "llava_qwen2":
+        check_original_options(raw)
+        text, tied, to_hf = raw, raw.get("tie_word_embeddings", True), partial(keymap.original_to_hf, vision=vision)
+        fields = dict(preprocess_mode=original_preprocess_mode(raw), max_context=original_max_context(raw))
+        image_token = raw.get("image_token_index", -200)
+    else:
+        text, to_hf = _section(raw, "text_config"), None
+        tied = bool(raw.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
+        fields = dict(preprocess_mode="crop")
+        image_token = raw.get("image_token_index", raw.get("image_token_id", 151646))
+    check_text_fields(text)
+    if not isinstance(tied, bool) or isinstance(image_token, bool) or not isinstance(image_token, int):
+        raise UserError(f"{src}/config.json: tie_word_embeddings must be true/false and image_token_index an integer")
+    fields.update(image_size=image_size(src, raw, vision), image_token_id=image_token, source_layout=model_type)
+    return vision, text, tied, to_hf, fields
 
 
-def describe_source(src: Path, raw: dict, weights: dict[str, mx.array]):
-    """Config, MLX-keyed weights (torch layout) and the tie flag for either layout."""
+def _section(raw: dict, name: str) -> dict:
+    value = raw.get(name) or {}
+    if not isinstance(value, dict):
+        raise UserError(f"config.json: {name} must be a JSON object, not {type(value).__name__}; fix it")
+    return value
+
+
+def source_vision(raw: dict) -> VisionConfig:
+    """The vision tower's config from either layout's config.json."""
     model_type = raw.get("model_type")
     if model_type == "llava_qwen2":
-        tower = raw.get("mm_vision_tower", "")
-        name, _, size = tower.rpartition("_")
-        if name not in ORIGINAL_TOWERS or not size.isdigit():
-            raise UserError(f"unsupported mm_vision_tower {tower!r}; supported: mobileclip_l_<size>")
-        vision = vision_config(ORIGINAL_TOWERS[name], {})
-        mapped = rename(weights, lambda k: keymap.original_to_hf(k, vision))
-        tied = raw.get("tie_word_embeddings", True)
-        fields = dict(
-            image_size=int(size), preprocess_mode="pad" if raw.get("image_aspect_ratio", "pad") == "pad" else "crop"
+        return vision_config(ORIGINAL_TOWERS[_original_tower(raw)[0]], {})
+    if model_type != "fast_vlm":
+        raise UserError(f"model_type {model_type!r} is not a FastVLM checkpoint (llava_qwen2 or fast_vlm)")
+    vision = _section(raw, "vision_config")
+    return vision_config(vision.get("architecture", "fastvit_mci3"), _section(vision, "model_args"))
+
+
+def _original_tower(raw: dict) -> tuple[str, int]:
+    """`mm_vision_tower` "mobileclip_l_1024" -> ("mobileclip_l", 1024): the tower and its input side."""
+    tower = raw.get("mm_vision_tower")
+    name, _, size = tower.rpartition("_") if isinstance(tower, str) else ("", "", "")
+    if name not in ORIGINAL_TOWERS or not size.isdigit():
+        raise UserError(f"unsupported mm_vision_tower {tower!r}; supported: mobileclip_l_<size>")
+    return name, int(size)
+
+
+def check_original_options(raw: dict) -> None:
+    """Options of Apple's LLaVA code that would make its runtime differ from ours: refused, never ignored.
+
+    Absent fields mean what Apple's loader makes of them (`mm_use_im_patch_token` defaults to true,
+    `mm_projector_type` to "linear")."""
+    fix = "set it to false in config.json if the checkpoint was trained without it, as Apple's are"
+    if raw.get("mm_use_im_start_end", False) is not False:
+        raise UserError("mm_use_im_start_end (image wrapped in <im_start>/<im_end> tokens) is not supported")
+    if "mm_use_im_patch_token" not in raw:
+        raise UserError(f"config.json has no mm_use_im_patch_token, which Apple's loader reads as true; {fix}")
+    if raw["mm_use_im_patch_token"] is not False:
+        raise UserError("mm_use_im_patch_token (an extra <im_patch> token and logit) is not supported")
+    if raw.get("mm_projector_type", "linear") != "mlp2x_gelu":
+        shown = raw.get("mm_projector_type", "linear (absent)")
+        raise UserError(f"mm_projector_type {shown!r} is not supported; FastVLM's projector is mlp2x_gelu")
+    ratio = raw.get("image_aspect_ratio")
+    if isinstance(ratio, str) and ratio.startswith("anyres"):
+        raise UserError(f"image_aspect_ratio {ratio!r} (tiled high-resolution input) is not supported; use pad")
+
+
+def original_preprocess_mode(raw: dict) -> str:
+    """Apple's process_images: "pad" pads to a square first; any other value (or none) runs its CLIP
+    processor directly, i.e. shortest-edge resize + centre crop."""
+    return "pad" if raw.get("image_aspect_ratio") == "pad" else "crop"
+
+
+def original_max_context(raw: dict) -> int | None:
+    limit = raw.get("tokenizer_model_max_length")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UserError(f"config.json: tokenizer_model_max_length is {limit!r}, not a positive integer; fix it")
+    return limit
+
+
+def image_size(src: Path, raw: dict, vision: VisionConfig) -> int:
+    """The input side the checkpoint was made for, from its own fields; contradictions are errors.
+
+    Apple's layout: the `mm_vision_tower` suffix. transformers': the processor's crop, else
+    sqrt(image_seq_length) x the tower stride, else 1024."""
+    crop = processor_size(src)
+    crop = crop if crop is None else check_image_size(crop, vision.stride)
+    if raw.get("model_type") == "llava_qwen2":
+        size = check_image_size(_original_tower(raw)[1], vision.stride)
+        if crop is not None and crop != size:
+            raise UserError(f"{src}: preprocessor_config.json crops {crop} but mm_vision_tower says {size}; fix one")
+        return size
+    tokens = raw.get("image_seq_length", DEFAULT_IMAGE_SEQ_LENGTH)
+    if tokens == DEFAULT_IMAGE_SEQ_LENGTH:
+        return crop or DEFAULT_IMAGE_SIZE
+    grid = math.isqrt(tokens) if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0 else 0
+    if grid * grid != tokens:
+        raise UserError(f"{src}/config.json: image_seq_length {tokens!r} is not a square grid of visual tokens; fix it")
+    if crop is not None and (crop // vision.stride) ** 2 != tokens:
+        raise UserError(
+            f"{src}: preprocessor_config.json crops {crop} ({(crop // vision.stride) ** 2} visual tokens at stride "
+            f"{vision.stride}) but config.json says image_seq_length {tokens}; fix whichever is wrong"
         )
-        text = raw
-        image_token = raw.get("image_token_index", -200)
-    elif model_type == "fast_vlm":
-        vc, text = raw.get("vision_config", {}), raw.get("text_config", {})
-        vision = vision_config(vc.get("architecture", "fastvit_mci3"), vc.get("model_args") or {})
-        mapped = rename(weights, lambda k: k)
-        tied = bool(raw.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
-        fields = dict(image_size=processor_size(src), preprocess_mode="crop")
-        image_token = raw.get("image_token_index", raw.get("image_token_id", 151646))
-    else:
-        raise UserError(f"{src}: model_type {model_type!r} is not a FastVLM checkpoint (llava_qwen2 or fast_vlm)")
-    return vision, text, mapped, tied, dict(fields, image_token_id=image_token, source_layout=model_type)
+    return check_image_size(grid * vision.stride, vision.stride)
 
 
-def processor_size(src: Path) -> int:
-    """The transformers image processor's crop size (1024 when there is no processor file)."""
+def processor_size(src: Path) -> int | None:
+    """The side of the image processor's square crop, or None without preprocessor_config.json."""
     path = src / "preprocessor_config.json"
-    crop = json.loads(path.read_text()).get("crop_size") if path.is_file() else None
-    if isinstance(crop, dict):
-        return int(crop.get("height", 1024))
-    return int(crop or 1024)
+    if not path.is_file():
+        return None
+    processor = read_json(path)
+    crop, resize = processor.get("crop_size"), processor.get("size")
+    sides = {crop.get("height"), crop.get("width")} if isinstance(crop, dict) else {crop}
+    sides.add(resize.get("shortest_edge") if isinstance(resize, dict) else resize)
+    sides.discard(None)
+    if len(sides) > 1 or not all(isinstance(s, int) and not isinstance(s, bool) for s in sides):
+        raise UserError(
+            f"{path}: crop_size {crop!r} and size {resize!r} are not one square side; fastvlm-mlx resizes the "
+            "shortest edge to the crop side and crops a square"
+        )
+    return sides.pop() if sides else None
+
+
+def source_image_size(src: Path) -> int:
+    """The input side of the checkpoint in `src` (either layout)."""
+    raw = read_config(src)
+    return image_size(src, raw, source_vision(raw))
 
 
 def build(src: Path, dtype: str) -> tuple[FastVLMConfig, dict[str, mx.array]]:
     """Everything but writing: the MLX config and checked, cast weights."""
-    raw, weights = read_source(src)
-    vision, text, mapped, tied, fields = describe_source(src, raw, weights)
+    raw = read_config(src)
+    vision, text, tied, to_hf, fields = describe_source(src, raw)
+    tokens = tokenizer_length(src)  # before reading gigabytes of weights
+    mapped = rename(read_weights(weight_files(src)), to_hf)
+    if EMBED not in mapped:
+        raise UserError(f"{src} has no embed_tokens weight; is this a FastVLM checkpoint?")
     fold_batchnorm(mapped)
     fold_layer_scale(mapped)
     apply_conv_layouts(mapped)
     tie_embeddings(mapped, tied)
+    eos = eos_ids(src, raw, text)
+    check_vocabulary(src, tokens, mapped[EMBED].shape[0], (*eos, fields["image_token_id"]))
     if fields["source_layout"] == "llava_qwen2":
-        truncate_vocab(mapped, tokenizer_length(src))
-    vocab = mapped["language_model.model.embed_tokens.weight"].shape[0]
-    config = FastVLMConfig(
-        vision=vision, text=text_config(text, vocab, tied), eos_token_ids=eos_ids(src, raw, text) or (151645,), **fields
-    )
+        truncate_vocab(mapped, tokens)
+    vocab = mapped[EMBED].shape[0]
+    config = FastVLMConfig(vision=vision, text=text_config(text, vocab, tied), eos_token_ids=eos or (151645,), **fields)
     check_weights(FastVLM(config), mapped, f"converting {src}")
     cast = DTYPES[dtype]
     return config, {k: v.astype(cast) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in mapped.items()}
@@ -255,10 +356,13 @@ def convert(
 ) -> Path:
     """Convert SRC to an MLX model directory OUT; OUT is replaced only with force=True.
 
+    OUT may not be SRC, contain it or lie inside it. Whatever is at OUT is kept unless force is
+    set, even if it appears while converting; with force it is swapped out so that a crash never
+    leaves OUT missing (see `convert.replace`; a symlink at OUT is replaced, not followed).
     `quantize` (4 or 8 bits) quantizes the LLM (and the projector if asked); `pruner` and
     `keep_ratio` become the model's default visual-token pruning.
     """
-    src, out = Path(src), Path(out)
+    src = Path(src)
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if quantize is not None and (quantize not in BITS or group_size not in GROUP_SIZES):
@@ -267,16 +371,14 @@ def convert(
         check(pruner, keep_ratio)
     if not src.is_dir():
         raise UserError(f"checkpoint directory not found: {src}")
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it")
-    if not any((src / f).is_file() for f in TOKENIZER_FILES[:4]):
-        raise UserError(f"{src} has no tokenizer files (tokenizer.json or vocab.json); copy them next to the weights")
+    out = replace.check_output(out, force, src=src)
     config, weights = build(src, dtype)
     config.pruner, config.keep_ratio = pruner, keep_ratio if pruner else 1.0
     if quantize is not None:
         config.quantization = dict(bits=quantize, group_size=group_size, projector=quantize_projector)
         weights = quantized_weights(config, weights)
-    write_atomically(out, config, weights, src)
+    with replace.staged(out, force) as folder:
+        write_model(folder, out, config, weights, src)
     return out
 
 
@@ -287,23 +389,14 @@ def quantized_weights(config: FastVLMConfig, weights: dict[str, mx.array]) -> di
     return dict(tree_flatten(model.parameters()))
 
 
-def write_atomically(out: Path, config: FastVLMConfig, weights: dict[str, mx.array], src: Path) -> None:
-    """Write into a temp dir beside OUT, then swap it in; OUT is never left half-written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the model directory should not be
+def write_model(folder: Path, out: Path, config: FastVLMConfig, weights: dict[str, mx.array], src: Path) -> None:
+    """The model directory's files in `folder` (created here); `out` is where it will be published."""
+    folder.mkdir()
     try:
-        mx.save_safetensors(str(tmp / WEIGHTS_FILE), weights, metadata={"format": "mlx"})
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        old = out.with_name(f".{out.name}.old") if out.exists() else None
-        if old:
-            out.rename(old)
-        tmp.rename(out)
-        if old:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        mx.save_safetensors(str(folder / WEIGHTS_FILE), weights, metadata={"format": "mlx"})
+    except RuntimeError as error:
+        raise UserError(f"cannot write {out / WEIGHTS_FILE} ({error}); check the free space and permissions") from None
+    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, folder / name)

@@ -5,17 +5,15 @@ output `image_features` [1, K, D]. A score-based pruner is part of the graph, so
 count and the app feeds the LLM K tokens.
 """
 
-import json
-import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from convert.convert import processor_size
+from convert import replace
+from convert.convert import source_image_size
 from convert.torch_model import attention_received, last_attention, load_reference
+from fastvlm_mlx.config import check_image_size
 from fastvlm_mlx.errors import UserError
 from pruners import check, keep_count
 
@@ -63,21 +61,14 @@ def random_indices(num_tokens: int, keep: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.array(top_k_sorted(hash_scores(num_tokens, seed)[None], keep)[0])).long()
 
 
-def source_image_size(src: Path) -> int:
-    raw = json.loads((src / "config.json").read_text())
-    if raw.get("model_type") == "llava_qwen2":
-        return int(raw.get("mm_vision_tower", "_1024").rpartition("_")[2])
-    return processor_size(src)
-
-
 def export_encoder(
     src: Path, pruner: str | None, keep_ratio: float, image_size: int | None, seed: int
 ) -> tuple[torch.export.ExportedProgram, int, int]:
     """The encoder graph as torch.export captures it (what Core ML converts), its input size and K."""
     reference = load_reference(src, torch.device("cpu"), "float32")
-    size = image_size or source_image_size(src)
     stride = 4 * 2 ** (len(reference.model.vision_tower.timm_model.stages) - 1)
-    tokens = math.ceil(size / stride) ** 2
+    size = check_image_size(image_size, stride) if image_size is not None else source_image_size(src)
+    tokens = (size // stride) ** 2
     keep = keep_count(tokens, keep_ratio) if pruner else tokens
     fixed = random_indices(tokens, keep, seed) if pruner == "random" else None
     encoder = VisionEncoder(reference, pruner, keep, fixed).eval()
@@ -101,8 +92,6 @@ def export_coreml(
     src, out = Path(src), Path(out)
     if out.suffix != ".mlpackage":
         raise UserError(f"{out}: Core ML ML Programs are saved as a .mlpackage; name the output *.mlpackage")
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it")
     if pruner is not None and pruner not in SCORE_PRUNERS:
         check(pruner, keep_ratio)  # unknown names get the registry's error first
         raise UserError(f"export-coreml bakes in score-based pruners only ({', '.join(SCORE_PRUNERS)}), not {pruner!r}")
@@ -114,6 +103,7 @@ def export_coreml(
         raise UserError("export-coreml needs coremltools: pip install 'fastvlm-mlx[coreml]'") from None
     if not src.is_dir():
         raise UserError(f"checkpoint directory not found: {src}")
+    out = replace.check_output(out, force, src=src, inside_src_ok=True)  # Apple's own export writes it there
 
     program, size, keep = export_encoder(src, pruner, keep_ratio, image_size, seed)
     mlmodel = ct.convert(
@@ -128,18 +118,12 @@ def export_coreml(
     mlmodel.user_defined_metadata.update(
         {"pruner": pruner or "none", "keep_ratio": str(keep_ratio if pruner else 1.0), "image_size": str(size)}
     )
-    return _save_atomically(mlmodel, out)
+    return _save_atomically(mlmodel, out, force)
 
 
-def _save_atomically(mlmodel, out: Path) -> Path:
-    """Save beside OUT, then swap it in, so a failed export never leaves a partial package."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        mlmodel.save(str(tmp / out.name))
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        (tmp / out.name).rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _save_atomically(mlmodel, out: Path, force: bool) -> Path:
+    """Save beside OUT, then publish it (`convert.replace`): a failed export never leaves a partial
+    package, and an OUT that exists (or appears meanwhile) is replaced only with force."""
+    with replace.staged(out, force) as package:
+        mlmodel.save(str(package))
     return out

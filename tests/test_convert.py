@@ -27,8 +27,11 @@ def full_size(torch_ref, tmp_path_factory):
     text = dict(TINY_TEXT, vocab_size=len(tokenizer))  # the original runtime resizes to len(tokenizer)
     reference = torch_ref.build_reference({}, text, tokenizer.convert_tokens_to_ids("<image>"), seed=1)
     torch_ref.save_checkpoint(reference, tokenizer, root / "hf", tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    torch_ref.to_original_layout(root / "hf", root / "original", VisionConfig())
-    return reference, convert(root / "hf", root / "hf_mlx"), convert(root / "original", root / "original_mlx")
+    original = torch_ref.to_original_layout(root / "hf", root / "original", VisionConfig())
+    config = json.loads((original / "config.json").read_text())  # the fields Apple's training writes
+    config.update(mm_use_im_start_end=False, mm_use_im_patch_token=False, tokenizer_model_max_length=8192)
+    (original / "config.json").write_text(json.dumps(config))
+    return reference, convert(root / "hf", root / "hf_mlx"), convert(original, root / "original_mlx")
 
 
 def test_original_and_transformers_layouts_convert_identically(full_size):
@@ -41,6 +44,7 @@ def test_original_and_transformers_layouts_convert_identically(full_size):
         assert mx.array_equal(hf[key], original[key]), key
     hf_cfg, orig_cfg = (json.loads((d / "config.json").read_text()) for d in (hf_out, original_out))
     assert orig_cfg["preprocess_mode"] == "pad" and hf_cfg["preprocess_mode"] == "crop"
+    assert orig_cfg["max_context"] == 8192 and hf_cfg["max_context"] is None
     assert orig_cfg["vision"] == hf_cfg["vision"] and orig_cfg["text"] == hf_cfg["text"]
 
 
