@@ -1,23 +1,12 @@
 """`fastvlm-mlx info`: the facts of a converted model directory, read without loading the weights."""
 
-import json
 import math
-import struct
 from pathlib import Path
 
 from fastvlm_mlx.errors import UserError
-from fastvlm_mlx.load import WEIGHTS_FILE, read_config
+from fastvlm_mlx.load import RECONVERT, WEIGHTS_FILE, read_config, safetensors_header
 
 COMPONENTS = ("vision_tower", "projector", "language_model")
-
-
-def safetensors_header(path: Path) -> dict:
-    """Tensor names -> {dtype, shape, data_offsets} from the file's JSON header."""
-    with path.open("rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return header
 
 
 def model_info(model_dir: str | Path) -> dict:
@@ -26,12 +15,14 @@ def model_info(model_dir: str | Path) -> dict:
     config = read_config(model_dir)
     weights = model_dir / WEIGHTS_FILE
     if not weights.is_file():
-        raise UserError(f"{model_dir} has no {WEIGHTS_FILE}; re-run `fastvlm-mlx convert` to write it")
+        raise UserError(f"{model_dir} has no {WEIGHTS_FILE}; {RECONVERT}")
     bits = (config.quantization or {}).get("bits")
     components = {name: {"parameters": 0, "bytes": 0} for name in COMPONENTS}
     dtypes = set()
     for key, entry in safetensors_header(weights).items():
-        part = components[key.split(".")[0]]
+        part = components.get(key.split(".")[0])
+        if part is None:
+            raise UserError(f"{weights}: unexpected parameter {key}; {RECONVERT}")
         start, end = entry["data_offsets"]
         part["bytes"] += end - start
         count = math.prod(entry["shape"])

@@ -1,20 +1,30 @@
 """Load a converted MLX model directory (config.json, model.safetensors, tokenizer files)."""
 
 import json
+import os
+import struct
+from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+from mlx_lm.models import qwen2
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from fastvlm_mlx.config import FastVLMConfig
+from fastvlm_mlx.config import FastVLMConfig, VisionConfig, check_image_size
 from fastvlm_mlx.cpu import use_cpu_backend
-from fastvlm_mlx.errors import UserError
+from fastvlm_mlx.errors import UserError, naming
 from fastvlm_mlx.model import FastVLM
-from fastvlm_mlx.quantize import quantize_model
+from fastvlm_mlx.preprocess import MODES
+from fastvlm_mlx.quantize import BITS, GROUP_SIZES, quantize_model
 
 WEIGHTS_FILE = "model.safetensors"
+STAGE_FIELDS = ("layers", "embed_dims", "mlp_ratios", "token_mixers", "downsamples", "pos_embs")
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))  # any one set
+RECONVERT = "re-run `fastvlm-mlx convert` to write it again"
 # The small easy-VQA model that ships with the package (bench/train_easyvqa.py makes it):
 # mlx/ is the converted model, hf/ the transformers checkpoint it came from.
 EMBEDDED_MODEL = Path(__file__).parent / "models" / "easyvqa"
@@ -28,18 +38,99 @@ def embedded_model(part: str = "mlx") -> Path:
     return path
 
 
+def read_json(path: Path):
+    """The parsed JSON file; unreadable or malformed files are UserErrors that name it."""
+    with naming(path):
+        return json.loads(path.read_bytes().decode("utf-8"))
+
+
 def read_config(model_dir: str | Path) -> FastVLMConfig:
+    """A converted model's config.json, every field checked against its annotated type."""
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise UserError(f"{model_dir} has no config.json; pass a directory made by `fastvlm-mlx convert SRC OUT`")
-    config = json.loads(config_path.read_text())
-    if config.get("model_type") != "fastvlm_mlx":
+    config = read_json(config_path)
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path} holds a JSON {type(config).__name__}, not an object; {RECONVERT}")
+    model_type = config.get("model_type")
+    if model_type != "fastvlm_mlx":
         raise UserError(
-            f"{model_dir} is not a converted fastvlm-mlx model (model_type {config.get('model_type')!r}); "
+            f"{model_dir} is not a converted fastvlm-mlx model (model_type {model_type!r}); "
             f"convert it first: fastvlm-mlx convert {model_dir} OUT"
         )
-    return FastVLMConfig.from_dict(config)
+    check_fields(FastVLMConfig, config, config_path)
+    check_fields(VisionConfig, config.get("vision", {}), config_path, "vision.")
+    check_fields(qwen2.ModelArgs, config.get("text", {}), config_path, "text.")
+    config = FastVLMConfig.from_dict(config)
+    _check_values(config, config_path)
+    return config
+
+
+def check_fields(cls, values: dict[str, Any], where: Path, prefix: str = "") -> None:
+    """Every field of dataclass `cls` in `values` has its annotated type; required ones are present."""
+    hints = get_type_hints(cls)
+    for spec in fields(cls):
+        if spec.name not in values:
+            if spec.default is MISSING and spec.default_factory is MISSING:
+                raise UserError(f"{where}: field {prefix}{spec.name} is missing; re-run `fastvlm-mlx convert`")
+            continue
+        value, annotation = values[spec.name], hints[spec.name]
+        if not _has_type(value, annotation):
+            shown = getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+            raise UserError(
+                f"{where}: field {prefix}{spec.name} is {json.dumps(value)[:40]}, not of type {shown}; "
+                "fix it or re-run `fastvlm-mlx convert`"
+            )
+
+
+def _check_values(config: FastVLMConfig, where: Path) -> None:
+    """What the types allow but the model cannot run: mismatched stage lists, unknown modes, sizes."""
+    vision = config.vision
+    stages = {name: len(getattr(vision, name)) for name in STAGE_FIELDS}
+    if len(set(stages.values())) != 1:
+        shown = ", ".join(f"{name} {n}" for name, n in stages.items())
+        raise UserError(f"{where}: the vision stage lists differ in length ({shown}); re-run `fastvlm-mlx convert`")
+    for name, value, allowed in (
+        ("preprocess_mode", (config.preprocess_mode,), MODES),
+        ("vision.token_mixers", vision.token_mixers, ("repmixer", "attention")),
+    ):
+        for unknown in set(value) - set(allowed):
+            raise UserError(f"{where}: field {name} has {unknown!r}; choose one of {', '.join(allowed)}")
+    quant = config.quantization
+    if quant is not None and not (
+        quant.get("bits") in BITS
+        and quant.get("group_size") in GROUP_SIZES
+        and isinstance(quant.get("projector"), bool)
+    ):
+        raise UserError(
+            f"{where}: field quantization is {json.dumps(quant)[:60]}; expected null or "
+            f'{{"bits": 4 or 8, "group_size": 32, 64 or 128, "projector": true or false}}'
+        )
+    if not 0 < config.keep_ratio <= 1:
+        raise UserError(f"{where}: field keep_ratio is {config.keep_ratio}; expected a number in (0, 1]")
+    try:
+        check_image_size(config.image_size, vision.stride)
+    except UserError as error:
+        raise UserError(f"{where}: field image_size: {error}") from None
+
+
+def _has_type(value, annotation) -> bool:
+    """`value` as JSON gives it (lists for tuples, dicts for nested dataclasses) fits `annotation`."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if annotation is Any:
+        return True
+    if origin in (Union, UnionType):
+        return any(_has_type(value, arg) for arg in args)
+    if origin is tuple:  # tuple[X, ...]
+        return isinstance(value, list | tuple) and all(_has_type(item, args[0]) for item in value)
+    if origin is dict or is_dataclass(annotation):
+        return isinstance(value, dict)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
 
 
 def check_weights(model: FastVLM, weights: dict[str, mx.array], where: str) -> None:
@@ -58,6 +149,55 @@ def check_weights(model: FastVLM, weights: dict[str, mx.array], where: str) -> N
             raise UserError(f"{where}: {len(items)} {label} parameter(s): {shown}; re-run `fastvlm-mlx convert`")
 
 
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """Tensor names -> {dtype, shape, data_offsets}, after checking that the file is whole:
+    8-byte header length + JSON header + the data the header points at = the file's size."""
+    with naming(path), path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        (header_size,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (size,)
+        if header_size > size - 8:
+            raise _incomplete(path, f"{size} bytes, too short for its header")
+        try:
+            header = json.loads(f.read(header_size).decode("utf-8"))
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError
+            raise _incomplete(path, "its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _incomplete(path, "its header is not a JSON object")
+    header.pop("__metadata__", None)
+    ends = [_data_end(entry) for entry in header.values()]
+    if None in ends:
+        raise _incomplete(path, "a tensor entry lacks dtype, shape or data offsets")
+    if 8 + header_size + max(ends, default=0) != size:
+        raise _incomplete(path, f"{size} bytes, but its header describes {8 + header_size + max(ends, default=0)}")
+    return header
+
+
+def _data_end(entry) -> int | None:
+    """Where a header entry's data ends, or None when the entry is malformed."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+        return None
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        return None
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(n, int) for n in offsets):
+        return None
+    return offsets[1] if 0 <= offsets[0] <= offsets[1] else None
+
+
+def _incomplete(path: Path, why: str) -> UserError:
+    return UserError(f"{path} is not a whole safetensors file ({why}); {RECONVERT}")
+
+
+def read_weights(path: Path) -> dict[str, mx.array]:
+    """The arrays of a safetensors file whose header checks out (see `safetensors_header`)."""
+    safetensors_header(path)
+    try:
+        return mx.load(str(path))
+    except RuntimeError as error:  # mx.load's one error class for unreadable files
+        raise UserError(f"{path}: {error}; {RECONVERT}") from None
+
+
 def load_model(model_dir: str | Path | None = None) -> tuple[FastVLM, TokenizerWrapper]:
     """Build the model from its config, load and check its weights, load the tokenizer.
 
@@ -67,11 +207,11 @@ def load_model(model_dir: str | Path | None = None) -> tuple[FastVLM, TokenizerW
     config = read_config(model_dir)
     weights_path = model_dir / WEIGHTS_FILE
     if not weights_path.is_file():
-        raise UserError(f"{model_dir} has no {WEIGHTS_FILE}; re-run `fastvlm-mlx convert` to write it")
+        raise UserError(f"{model_dir} has no {WEIGHTS_FILE}; {RECONVERT}")
     model = FastVLM(config)
     if config.quantization:
         quantize_model(model, config.quantization)
-    weights = mx.load(str(weights_path))
+    weights = read_weights(weights_path)
     check_weights(model, weights, str(weights_path))
     model.load_weights(list(weights.items()))
     model.eval()
@@ -81,12 +221,37 @@ def load_model(model_dir: str | Path | None = None) -> tuple[FastVLM, TokenizerW
 
 
 def read_tokenizer(model_dir: Path, eos_token_ids: list[int] | None = None) -> TokenizerWrapper:
-    """mlx-lm's tokenizer loader, without transformers' warning about our config.json's model_type."""
+    """mlx-lm's tokenizer loader, without transformers' warning about our config.json's model_type.
+
+    Missing or unreadable tokenizer files are UserErrors that name them."""
     from transformers.utils import logging
 
+    model_dir = Path(model_dir)
+    if not any(all((model_dir / name).is_file() for name in names) for names in TOKENIZER_FILES):
+        raise UserError(f"{model_dir} has no tokenizer (tokenizer.json); {RECONVERT}")
     previous = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        return load_tokenizer(Path(model_dir), eos_token_ids=eos_token_ids)
+        return load_tokenizer(model_dir, eos_token_ids=eos_token_ids)
+    except Exception:
+        _blame_tokenizer_files(model_dir)  # a UserError when one of them is broken
+        raise
     finally:
         logging.set_verbosity(previous)
+
+
+def _blame_tokenizer_files(model_dir: Path) -> None:
+    """After a failed load: raise a UserError naming the tokenizer file that cannot be read, if any."""
+    from tokenizers import Tokenizer
+
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "vocab.json"):
+        if (model_dir / name).is_file():
+            read_json(model_dir / name)
+    path = model_dir / "tokenizer.json"
+    if path.is_file():
+        try:
+            Tokenizer.from_file(str(path))
+        except Exception as error:
+            if type(error) is not Exception:  # the tokenizers library raises plain Exception for bad files
+                raise
+            raise UserError(f"{path} is not a tokenizer file ({error}); {RECONVERT}") from None
