@@ -6,6 +6,7 @@ round MLX and PyTorch alternate which goes first, so machine drift hits both. TT
 image file in -> first token out; decode speed is per token, never a whole-generation time.
 """
 
+import json
 import os
 import platform
 import statistics
@@ -19,11 +20,12 @@ import numpy as np
 
 from bench.quality import answer_correct, compare_runs
 from fastvlm_mlx import __version__, cpu
+from fastvlm_mlx.config import check_image_size
 from fastvlm_mlx.cpu import jit
 from fastvlm_mlx.cpu.private import cpu_info
-from fastvlm_mlx.errors import UserError
+from fastvlm_mlx.errors import UserError, check_writable, naming
 from fastvlm_mlx.generate import generate
-from fastvlm_mlx.load import load_model
+from fastvlm_mlx.load import load_model, read_json
 from pruners import check
 
 FRAMEWORKS = ("mlx", "torch")
@@ -53,12 +55,14 @@ class Item:
 
 
 def make_settings(
-    pruners: list[str], keep_ratios: list[float], image_sizes: list[int], default_size: int
+    pruners: list[str], keep_ratios: list[float], image_sizes: list[int], default_size: int, stride: int
 ) -> list[Setting]:
     """Unpruned runs at every image size; every pruner at every keep ratio below 1 at the model's size."""
     for name in pruners:
         for ratio in keep_ratios:
             check(name, ratio)
+    for size in image_sizes:
+        check_image_size(size, stride)
     sizes = list(dict.fromkeys([default_size, *image_sizes]))
     settings = [Setting(None, 1.0, size) for size in sizes]
     ratios = [r for r in dict.fromkeys(keep_ratios) if r < 1]
@@ -84,11 +88,13 @@ def load_items(images: list[str], prompts: list[str], dataset: str | None) -> li
 
 
 def dataset_items(spec: str) -> list[Item]:
-    """`easy-vqa[:N]` (first N test questions) or a JSON list of {image, question, answer}."""
-    import json
-
-    name, _, count = spec.partition(":")
-    limit = int(count) if count.isdigit() else None
+    """`easy-vqa[:N]` (first N test questions) or a JSON list of {image, question, answer}, optionally `:N`."""
+    name, limit = spec, None
+    if not Path(spec).is_file() and ":" in spec:
+        name, count = spec.rsplit(":", 1)
+        if not (count.isascii() and count.isdigit() and int(count) > 0):
+            raise UserError(f"--dataset {spec}: N in {name}:N must be a whole number above 0, e.g. {name}:100")
+        limit = int(count)
     if name == "easy-vqa":
         try:
             import easy_vqa
@@ -98,12 +104,27 @@ def dataset_items(spec: str) -> list[Item]:
         paths = easy_vqa.get_test_image_paths()
         items = [Item(paths[i], q, a) for q, a, i in zip(questions, answers, image_ids, strict=True)]
     elif Path(name).is_file():
-        base = Path(name).parent
-        rows = json.loads(Path(name).read_text())
-        items = [Item(str(base / r["image"]), r["question"], str(r["answer"])) for r in rows]
+        items = json_items(Path(name))
     else:
         raise UserError(f"unknown dataset {spec!r}; use easy-vqa[:N] or a JSON list of image/question/answer")
     return items[:limit]
+
+
+def json_items(path: Path) -> list[Item]:
+    """The rows of a JSON dataset file; image paths are relative to the file's folder."""
+    rows = read_json(path)
+    shape = 'a JSON list of {"image": PATH, "question": TEXT, "answer": TEXT}'
+    if not isinstance(rows, list) or not rows:
+        raise UserError(f"{path} is not a dataset: expected {shape}")
+    for n, row in enumerate(rows):
+        fields = {"image": str, "question": str, "answer": str | int | float}
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), kind) for k, kind in fields.items()):
+            raise UserError(f"{path}: row {n} is {json.dumps(row)[:60]}; expected {shape}")
+    items = [Item(str(path.parent / r["image"]), r["question"], str(r["answer"])) for r in rows]
+    missing = next((item.image for item in items if not Path(item.image).is_file()), None)
+    if missing:
+        raise UserError(f"{path}: image not found: {missing} (image paths are relative to the dataset file)")
+    return items
 
 
 def cpu_model() -> str:
@@ -208,7 +229,9 @@ def run_bench(
     workdir: Path,
 ) -> dict:
     """Run the sweep and return the results (every run, summary rows, environment)."""
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_writable(workdir, "--out folder")
+    with naming(workdir):
+        workdir.mkdir(parents=True, exist_ok=True)
     unknown = set(frameworks) - set(FRAMEWORKS)
     if unknown or not frameworks:
         raise UserError(f"unknown framework(s) {sorted(unknown)}; choose from mlx, torch")
@@ -227,7 +250,7 @@ def run_bench(
     items = load_items(images, prompts or [DEFAULT_PROMPT], dataset)
     model, tokenizer = load_model(model_dir)
     model.set_dtype(MX_DTYPES[dtype])
-    settings = make_settings(pruners, keep_ratios, image_sizes, model.config.image_size)
+    settings = make_settings(pruners, keep_ratios, image_sizes, model.config.image_size, model.config.vision.stride)
 
     device, ref_model = None, None
     if "torch" in frameworks:

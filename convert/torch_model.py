@@ -3,7 +3,6 @@
 The PyTorch reference for the benchmark and the source of the Core ML export.
 """
 
-import json
 from pathlib import Path
 
 import torch
@@ -11,7 +10,8 @@ import torch
 from convert import keymap
 from convert.convert import vision_config
 from fastvlm_mlx.config import VisionConfig
-from fastvlm_mlx.errors import UserError
+from fastvlm_mlx.errors import UserError, naming
+from fastvlm_mlx.load import read_json
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -26,10 +26,12 @@ def load_reference(src: str | Path, device: torch.device, dtype: str, vocab_size
     src = Path(src)
     if not (src / "config.json").is_file():
         raise UserError(f"{src} has no config.json; --reference takes the checkpoint the MLX model came from")
-    raw = json.loads((src / "config.json").read_text())
-    if raw.get("model_type") == "fast_vlm":
-        model = FastVlmForConditionalGeneration.from_pretrained(src, dtype=torch.float32)
-    elif raw.get("model_type") == "llava_qwen2":
+    raw = read_json(src / "config.json")
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type == "fast_vlm":
+        with naming(src):  # damaged weights, wrongly typed config fields
+            model = FastVlmForConditionalGeneration.from_pretrained(src, dtype=torch.float32)
+    elif model_type == "llava_qwen2":
         model = _from_original(src, raw)
     else:
         raise UserError(f"{src}: --reference must be a fast_vlm or llava_qwen2 checkpoint")

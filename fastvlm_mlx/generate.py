@@ -1,5 +1,6 @@
 """End-to-end generation: image file -> preprocess -> vision -> (prune) -> prefill -> decode."""
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,11 +12,12 @@ from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
+from fastvlm_mlx.config import check_image_size
 from fastvlm_mlx.errors import UserError
 from fastvlm_mlx.model import FastVLM
 from fastvlm_mlx.preprocess import load_image, preprocess
 from fastvlm_mlx.prompt import tokenize_prompt
-from pruners import Pruned, identity, needs_scores, prune
+from pruners import Pruned, identity, keep_count, needs_scores, prune
 
 PREFILL_CHUNK = 2048  # positions per prefill pass, as mlx-lm's prefill_step_size
 
@@ -89,18 +91,24 @@ def generate(
 
     The vision tokens are cut to `keep_ratio` by `pruner` before the projector: None uses the
     model's default from conversion, "none" keeps every token. `seed` seeds sampling and the
-    `random` pruner (0 when not given).
+    `random` pruner (0 when not given). A prompt (text and visual tokens) that leaves no room in
+    the model's context is a UserError; otherwise `max_tokens` is cut to the room left.
     """
     config = model.config
+    check_sampling(temperature, top_p)
+    check_seed(seed)
     pruner, keep_ratio = resolve_pruning(config, pruner, keep_ratio)
     scored = needs_scores(pruner, keep_ratio)
+    size = check_image_size(image_size or config.image_size, config.vision.stride)
     if seed is not None:
         mx.random.seed(seed)
     mx.reset_peak_memory()
     start = time.perf_counter()
 
-    pixels = mx.array(preprocess(load_image(image), image_size or config.image_size, config.preprocess_mode))
+    pixels = mx.array(preprocess(load_image(image), size, config.preprocess_mode))
     ids_before, ids_after = tokenize_prompt(tokenizer, prompt)
+    prompt_tokens = len(ids_before) + visual_tokens(config, size, pruner, keep_ratio) + len(ids_after)
+    max_tokens = min(max_tokens, room_to_answer(config, prompt_tokens))
     t_pre = _now(pixels)
 
     tokens, scores = model.encode_image(pixels, with_scores=scored)  # (1, N, D), (1, N) or None
@@ -174,6 +182,44 @@ def _token_steps(model: FastVLM, embeds: mx.array, sampler, max_tokens: int):
             mx.async_eval(*following)
         yield step[0].item(), step[1]
         step = following if n + 1 < max_tokens else None
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+    """UserErrors for settings that would sample garbage: NaN, infinities, out of range."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"temperature must be a finite number >= 0 (0 = greedy), not {temperature!r}")
+    if not 0 <= top_p <= 1:  # false for NaN too
+        raise UserError(f"top-p must be a number in [0, 1], not {top_p!r}")
+
+
+def check_seed(seed: int | None) -> None:
+    """MLX seeds are unsigned 64-bit; anything else is a UserError instead of a TypeError from MLX."""
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**64):
+        raise UserError(f"seed must be a whole number in [0, 2^64), not {seed!r}")
+
+
+def visual_tokens(config, image_size: int, pruner: str | None, keep_ratio: float) -> int:
+    """How many visual tokens reach the LLM at this input size, after pruning."""
+    side = math.ceil(image_size / config.vision.stride)
+    return side * side if pruner is None else keep_count(side * side, keep_ratio)
+
+
+def room_to_answer(config, prompt_tokens: int) -> int:
+    """Tokens left for the answer in the model's context; a UserError when none are."""
+    context = context_length(config)
+    if prompt_tokens >= context:
+        raise UserError(
+            f"the prompt is {prompt_tokens} tokens (text and visual), the model's context is {context}; "
+            "shorten the prompt, lower --image-size or prune visual tokens (--pruner, --keep-ratio)"
+        )
+    return context - prompt_tokens
+
+
+def context_length(config) -> int:
+    """Positions a prompt and its answer may fill: Qwen2's `max_position_embeddings`, or less where the
+    checkpoint set a limit (Apple's `tokenizer_model_max_length`, which Apple's runtime cuts prompts to)."""
+    positions = config.text.get("max_position_embeddings", 32768)
+    return positions if config.max_context is None else min(positions, config.max_context)
 
 
 def resolve_pruning(config, pruner: str | None, keep_ratio: float | None) -> tuple[str | None, float]:

@@ -23,7 +23,10 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
             return _to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"{path} is too large to read safely ({error}); give a smaller image") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:
+        # the classes PIL's decoders raise on damaged files
         raise ImageError(
             f"cannot read {path} as an image ({error}); give a PNG, JPEG or other PIL-readable file"
         ) from None

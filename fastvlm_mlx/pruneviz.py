@@ -2,14 +2,16 @@
 
 import colorsys
 import math
+import os
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from fastvlm_mlx.errors import UserError
-from fastvlm_mlx.generate import resolve_pruning
+from fastvlm_mlx.config import check_image_size
+from fastvlm_mlx.errors import UserError, check_writable, naming
+from fastvlm_mlx.generate import check_seed, resolve_pruning
 from fastvlm_mlx.model import FastVLM
 from fastvlm_mlx.preprocess import load_image, preprocess
 from pruners import check, prune
@@ -60,20 +62,36 @@ def draw_pruning(
     force: bool = False,
 ) -> Path:
     """Run the vision tower and `pruner` on the image file and write the picture to `output` (PNG)."""
-    output = Path(output)
-    if output.exists() and not force:
-        raise UserError(f"{output} already exists; pass --force to replace it or choose another -o path")
+    output = check_output_file(Path(output), force)
     config = model.config
     pruner, keep_ratio = resolve_pruning(config, pruner, keep_ratio)
     if pruner is None:
         raise UserError("prune-viz needs a pruner: add --pruner NAME --keep-ratio R (e.g. divprune 0.25)")
     needs_scores = check(pruner, keep_ratio).needs_scores
-    pixels = preprocess(load_image(image), image_size or config.image_size, config.preprocess_mode)
+    check_seed(seed)
+    size = check_image_size(image_size or config.image_size, config.vision.stride)
+    pixels = preprocess(load_image(image), size, config.preprocess_mode)
     tokens, scores = model.encode_image(mx.array(pixels), with_scores=needs_scores)
     kept = prune(pruner, tokens, keep_ratio, scores=scores, seed=seed)
     N, k = tokens.shape[1], kept.tokens.shape[1]
     title = f"{pruner} keep_ratio={keep_ratio}: {k}/{N} tokens"
     picture = render(pixels[0], np.array(kept.sources[0]), np.array(kept.indices[0]), title)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(output, format="PNG")
+    with naming(output):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
+        try:  # written beside it, then renamed: a failed write leaves the old file as it was
+            picture.save(partial, format="PNG")
+            partial.replace(output)
+        finally:
+            partial.unlink(missing_ok=True)
+    return output
+
+
+def check_output_file(output: Path, force: bool) -> Path:
+    """`output` if a PNG can be written there: not a folder, not existing unless `force`, a writable folder."""
+    if output.is_dir():
+        raise UserError(f"{output} is a folder; give -o a file path, e.g. {output / 'pruning.png'}")
+    if output.exists() and not force:
+        raise UserError(f"{output} already exists; pass --force to replace it or choose another -o path")
+    check_writable(output.parent, "-o path")
     return output
