@@ -4,41 +4,48 @@ Heavy imports (mlx, torch, the model) happen inside commands so `--help` stays i
 """
 
 import json
+import math
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import click
 
-from fastvlm_mlx import BLAS, __version__, cpu
+from fastvlm_mlx import __version__, cpu
 
 
 def _version_text() -> str:
     import mlx.core as mx
 
-    jit = "-march=native" if cpu.NATIVE_JIT else "MLX's own flags"
-    return f"fastvlm-mlx {__version__}, mlx {mx.__version__} on {mx.default_device()}, BLAS: {BLAS}, CPU kernels: {jit}"
+    return f"fastvlm-mlx {__version__}, mlx {mx.__version__} on {mx.default_device()}, {cpu.describe()}"
 
 
 def _fail_cleanly(fn):
-    """Show user errors as one line (exit 1) instead of a traceback."""
+    """Show bad input as one line (exit 1) instead of a traceback: our UserErrors and the foreign
+    error classes `fastvlm_mlx.errors.explain` knows. Anything else is a bug and keeps its traceback."""
     from functools import wraps
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
-        from fastvlm_mlx.errors import UserError
+        from fastvlm_mlx.errors import UserError, explain
         from pruners import PrunerError
 
         try:
             return fn(*args, **kwargs)
         except (UserError, PrunerError) as error:
-            raise click.ClickException(str(error)) from None
+            raise click.ClickException(" ".join(str(error).split())) from None
+        except Exception as error:
+            message = explain(error)  # the known foreign classes (OS, PIL, json, UTF-8); others are our bugs
+            if message is None:
+                raise
+            raise click.ClickException(" ".join(message.split())) from None
 
     return wrapper
 
 
 def _print_version(ctx: click.Context, _param, value: bool) -> None:
     if value and not ctx.resilient_parsing:
-        cpu.tune_cpu()
+        cpu.prepare()
         click.echo(_version_text())
         ctx.exit()
 
@@ -56,24 +63,44 @@ def main() -> None:
     """FastVLM in MLX: convert checkpoints, generate, benchmark."""
 
 
+class FiniteFloat(click.FloatRange):
+    """click's FloatRange, refusing NaN and infinities (NaN passes every range comparison)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+SEED = click.IntRange(0, 2**64 - 1)  # MLX seeds are unsigned 64-bit
 MODEL_HELP = "Converted MLX model directory (default: the embedded easy-VQA model)."
 IMAGE_SIZE = click.option(
     "--image-size",
     default=None,
-    type=click.IntRange(min=64),
-    help="Input resolution instead of the model's (768 -> 144 visual tokens, 512 -> 64).",
+    type=click.IntRange(min=1),
+    help="Input resolution instead of the model's (768 -> 144 visual tokens, 512 -> 64), at most 2048.",
 )
 PRUNER = click.option(
     "--pruner", default=None, help="Visual-token pruner (norm, attention, divprune, ...); none = keep all tokens."
 )
-KEEP_RATIO = click.option("--keep-ratio", default=None, type=float, help="Share of visual tokens to keep, in (0, 1].")
+KEEP_RATIO = click.option(
+    "--keep-ratio", default=None, type=FiniteFloat(), help="Share of visual tokens to keep, in (0, 1]."
+)
 
 
-def _check_inputs(image: str, pruner: str | None, keep_ratio: float | None) -> None:
-    """Fail on a bad image, pruner or ratio before spending seconds loading the model."""
+def _check_inputs(model_dir, image: str, pruner: str | None, keep_ratio: float | None, image_size: int | None):
+    """Fail on a bad config, image size, image, pruner or ratio before spending seconds loading the model."""
+    from fastvlm_mlx.config import check_image_size
+    from fastvlm_mlx.load import embedded_model, read_config
     from fastvlm_mlx.preprocess import load_image
     from pruners import check, keep_count
 
+    config = read_config(embedded_model() if model_dir is None else model_dir)
+    if image_size is not None:
+        check_image_size(image_size, config.vision.stride)
     if keep_ratio is not None:
         keep_count(1, keep_ratio)
     if pruner not in (None, "none"):
@@ -81,27 +108,48 @@ def _check_inputs(image: str, pruner: str | None, keep_ratio: float | None) -> N
     load_image(image)
 
 
+def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """The question from --prompt TEXT, --prompt - (stdin) or --prompt-file PATH; trailing newlines dropped."""
+    from fastvlm_mlx.errors import naming
+    from fastvlm_mlx.prompt import check_text
+
+    if (prompt is None) == (prompt_file is None):
+        raise click.UsageError("give the question as --prompt TEXT, --prompt - (stdin) or --prompt-file PATH")
+    if prompt_file is None and prompt != "-":
+        check_text(prompt, "--prompt")
+        return prompt
+    with naming("stdin" if prompt_file is None else prompt_file):
+        data = sys.stdin.buffer.read() if prompt_file is None else Path(prompt_file).read_bytes()
+        return data.decode("utf-8").rstrip("\r\n")
+
+
 @main.command()
 @click.option("--model", "model_dir", type=click.Path(), help=MODEL_HELP)
 @click.option("--image", required=True, type=click.Path(), help="Image file (any format PIL reads).")
-@click.option("--prompt", required=True, help="Question about the image.")
+@click.option("--prompt", default=None, help="Question about the image; - reads it from stdin.")
+@click.option(
+    "--prompt-file", type=click.Path(), help="Read the question from a UTF-8 file (for prompts too long to pass)."
+)
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0))
+@click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(min=0.0), help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=FiniteFloat(0.0, 1.0))
 @IMAGE_SIZE
 @PRUNER
 @KEEP_RATIO
-@click.option("--seed", default=None, type=int, help="Random seed for sampling and the random pruner.")
+@click.option("--seed", default=None, type=SEED, help="Random seed for sampling and the random pruner.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @_fail_cleanly
 def generate(
-    model_dir, image, prompt, max_tokens, temperature, top_p, image_size, pruner, keep_ratio, seed, as_json
+    model_dir, image, prompt, prompt_file, max_tokens, temperature, top_p, image_size, pruner, keep_ratio, seed, as_json
 ) -> None:
-    """Answer PROMPT about IMAGE, streaming the text."""
+    """Answer the prompt about IMAGE, streaming the text.
+
+    The answer stops at the model's context; a prompt that does not fit is an error."""
     from fastvlm_mlx.generate import generate as run
     from fastvlm_mlx.load import load_model
 
-    _check_inputs(image, pruner, keep_ratio)
+    prompt = _read_prompt(prompt, prompt_file)
+    _check_inputs(model_dir, image, pruner, keep_ratio, image_size)
     model, tokenizer = load_model(model_dir)
     stream = None if as_json else (lambda text: click.echo(text, nl=False))
     result = run(
@@ -143,7 +191,7 @@ def generate(
 @click.option("--group-size", default="64", show_default=True, type=click.Choice(["32", "64", "128"]))
 @click.option("--quantize-projector", is_flag=True, help="Quantize the projector too (vision stays float).")
 @click.option("--pruner", default=None, help="Default visual-token pruner of the converted model.")
-@click.option("--keep-ratio", default=1.0, show_default=True, type=float, help="Its keep ratio, in (0, 1].")
+@click.option("--keep-ratio", default=1.0, show_default=True, type=FiniteFloat(), help="Its keep ratio, in (0, 1].")
 @_fail_cleanly
 def convert(src, out, dtype, force, quantize, group_size, quantize_projector, pruner, keep_ratio) -> None:
     """Convert a FastVLM checkpoint (Apple llava_qwen2 or transformers fast_vlm) SRC to MLX in OUT."""
@@ -181,15 +229,19 @@ def info(model_dir, as_json) -> None:
 @click.argument("src", type=click.Path())
 @click.argument("out", type=click.Path())
 @click.option("--pruner", default=None, help="Score-based pruner baked into the graph: norm, attention or random.")
-@click.option("--keep-ratio", default=1.0, show_default=True, type=float, help="Its keep ratio, in (0, 1].")
+@click.option("--keep-ratio", default=1.0, show_default=True, type=FiniteFloat(), help="Its keep ratio, in (0, 1].")
 @IMAGE_SIZE
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random pruner.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the random pruner.")
 @click.option("--precision", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @_fail_cleanly
 def export_coreml(src, out, pruner, keep_ratio, image_size, seed, precision, force) -> None:
     """Export SRC's vision encoder (PyTorch reference) to a Core ML package OUT.mlpackage."""
     from convert.coreml import export_coreml as run
+    from fastvlm_mlx.config import check_image_size
+
+    if image_size is not None:
+        check_image_size(image_size)  # the stride of FastViTHD, which Core ML export is for
 
     if pruner is None and keep_ratio != 1.0:
         raise click.ClickException("--keep-ratio needs a pruner: add --pruner norm|attention|random")
@@ -203,7 +255,7 @@ def export_coreml(src, out, pruner, keep_ratio, image_size, seed, precision, for
 @click.option("--pruner", default=None, help="Visual-token pruner (default: the model's own, from convert).")
 @KEEP_RATIO
 @IMAGE_SIZE
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for the random pruner.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for the random pruner.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="PNG to write.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @_fail_cleanly
@@ -212,7 +264,7 @@ def prune_viz(model_dir, image, pruner, keep_ratio, image_size, seed, output, fo
     from fastvlm_mlx.load import load_model
     from fastvlm_mlx.pruneviz import draw_pruning
 
-    _check_inputs(image, pruner, keep_ratio)
+    _check_inputs(model_dir, image, pruner, keep_ratio, image_size)
     model, _ = load_model(model_dir)
     written = draw_pruning(model, image, pruner, keep_ratio, output, image_size=image_size, seed=seed, force=force)
     click.echo(f"wrote {written}", err=True)
@@ -232,7 +284,8 @@ def _split(text: str, kind=str) -> list:
     "--synthetic", type=click.Choice(["0.5b", "1.5b", "7b"]), help="Random weights at a real size, both sides."
 )
 @click.option("--image", "images", multiple=True, type=click.Path(), help="Image file or folder (repeatable).")
-@click.option("--prompt", "prompts", multiple=True, help="Prompt (repeatable).")
+@click.option("--prompt", "prompts", multiple=True, help="Prompt (repeatable); - reads one from stdin.")
+@click.option("--prompt-file", "prompt_files", multiple=True, type=click.Path(), help="Prompt from a UTF-8 file.")
 @click.option("--dataset", help="easy-vqa[:N] or a JSON list of {image, question, answer}: adds answer accuracy.")
 @click.option("--pruners", default="all", show_default=True, help="Comma-separated pruner names, or all, or none.")
 @click.option("--keep-ratios", default="0.5,0.25", show_default=True, help="Comma-separated keep ratios in (0, 1].")
@@ -246,14 +299,13 @@ def _split(text: str, kind=str) -> list:
 @click.option("--out", "out_dir", default="bench-results", show_default=True, type=click.Path(), help="Output folder.")
 @click.pass_context
 @_fail_cleanly
-def bench(ctx, model_dir, reference, synthetic, images, prompts, dataset, pruners, keep_ratios, image_sizes, **rest):
+def bench(ctx, model_dir, reference, synthetic, images, prompts, prompt_files, dataset, pruners, keep_ratios, **rest):
     """MLX vs the PyTorch reference, interleaved: per-stage timings, memory and quality; JSON, CSV, plots."""
     if ctx.invoked_subcommand is not None:
         return
-    from pathlib import Path
-
     from bench.report import draw_plots, format_table, write_results
     from bench.sweep import run_bench
+    from fastvlm_mlx.errors import naming
     from pruners import PRUNERS
 
     names = {"all": sorted(PRUNERS), "none": []}.get(pruners, None)
@@ -264,19 +316,21 @@ def bench(ctx, model_dir, reference, synthetic, images, prompts, dataset, pruner
         reference=reference,
         synthetic=synthetic,
         images=list(images),
-        prompts=list(prompts),
+        prompts=[_read_prompt(p, None) for p in prompts] + [_read_prompt(None, f) for f in prompt_files],
         dataset=dataset,
         pruners=names,
         keep_ratios=_split(keep_ratios, float),
-        image_sizes=_split(image_sizes, int),
+        image_sizes=_split(rest.pop("image_sizes"), int),
         frameworks=_split(rest.pop("frameworks")),
         workdir=out_dir,
         **rest,
     )
     name = _free_name(out_dir, f"bench-{synthetic or (Path(model_dir).name if model_dir else 'easyvqa')}")
-    json_path, csv_path = write_results(results, out_dir, name)
+    with naming(out_dir):  # a disk that fills up while writing
+        json_path, csv_path = write_results(results, out_dir, name)
+        plots = draw_plots(results, out_dir, name)
     click.echo(format_table(results["summary"]))
-    for path in (json_path, csv_path, *draw_plots(results, out_dir, name)):
+    for path in (json_path, csv_path, *plots):
         click.echo(f"wrote {path}")
 
 
@@ -297,9 +351,6 @@ def _free_name(out_dir, stem: str) -> str:
 @_fail_cleanly
 def bench_plot(results, out_dir) -> None:
     """Redraw the plots of a bench RESULTS.json."""
-    import json
-    from pathlib import Path
-
     from bench.report import draw_plots, format_table
 
     path = Path(results)
