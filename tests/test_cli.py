@@ -1,5 +1,7 @@
 """Bad input gets a one-line error, a non-zero exit code, no traceback, and nothing overwritten."""
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -115,3 +117,154 @@ def test_importing_mlx_first_warns():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "imported before fastvlm_mlx" in result.stderr
     assert "too early" in result.stdout
+
+
+def invoke(*args, stdin: bytes | None = None):
+    """The CLI in this process (a model loads in a fraction of a second): exit code and stderr."""
+    from click.testing import CliRunner
+
+    from fastvlm_mlx.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args], input=stdin)
+    if not isinstance(result.exception, SystemExit | None):
+        raise result.exception  # a traceback: the bug this file is about
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+def viz_args(model, image, out):
+    return ["prune-viz", "--model", model, "--image", image, "--pruner", "norm", "--keep-ratio", "0.5", "-o", out]
+
+
+@pytest.mark.parametrize("size", ["4096", "100000", "100", "0", "-64"])
+def test_image_size_out_of_bounds_for_every_command(tiny_mlx, tiny_hf, image_path, tmp_path, size):
+    words = ("2048",) if size.isdigit() and int(size) > 0 else ()
+    assert_clean_error(
+        invoke("generate", "--model", tiny_mlx, "--image", image_path, "--prompt", "hi", "--image-size", size), *words
+    )
+    assert_clean_error(invoke(*viz_args(tiny_mlx, image_path, tmp_path / "v.png"), "--image-size", size), *words)
+    assert_clean_error(invoke("export-coreml", tiny_hf[0], tmp_path / "e.mlpackage", "--image-size", size), *words)
+    if size.isdigit():  # --image-sizes is a comma-separated list of whole numbers
+        bench = ["bench", "--model", tiny_mlx, "--image", image_path, "--frameworks", "mlx", "--out", tmp_path / "b"]
+        assert_clean_error(invoke(*bench, "--pruners", "none", "--image-sizes", size), *words)
+    assert not (tmp_path / "v.png").exists() and not (tmp_path / "e.mlpackage").exists()
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "nan"), ("--keep-ratio", "nan")]
+    + [("--seed", "-1"), ("--seed", str(2**64)), ("--seed", "1.5")],
+)
+def test_non_finite_numbers_and_seeds_outside_uint64(tiny_mlx, tiny_hf, image_path, tmp_path, option, value):
+    base = ["generate", "--model", tiny_mlx, "--image", image_path, "--prompt", "hi", "--pruner", "norm"]
+    keep = [] if option == "--keep-ratio" else ["--keep-ratio", "0.5"]
+    assert_clean_error(invoke(*base, *keep, option, value), option)
+    if option in ("--seed", "--keep-ratio"):
+        viz = viz_args(tiny_mlx, image_path, tmp_path / "v.png")
+        viz = viz[:-4] + viz[-2:] if option == "--keep-ratio" else viz
+        assert_clean_error(invoke(*viz, option, value), option)
+    if option == "--seed":
+        assert_clean_error(invoke("export-coreml", tiny_hf[0], tmp_path / "e.mlpackage", option, value), option)
+
+
+def test_library_rejects_what_the_cli_rejects(tiny_pair, image_path):
+    from fastvlm_mlx.errors import UserError
+    from fastvlm_mlx.generate import generate as run
+
+    _, model, tokenizer, _ = tiny_pair
+    bad = [dict(temperature=float("nan")), dict(temperature=float("inf")), dict(top_p=float("nan"))]
+    bad += [dict(seed=-1), dict(seed=2**64), dict(image_size=4096), dict(image_size=100)]
+    for options in bad:
+        with pytest.raises(UserError):
+            run(model, tokenizer, image_path, "hi", max_tokens=1, **options)
+
+
+def test_prompt_from_file_and_stdin_equals_the_argument(tiny_mlx, image_path, tmp_path):
+    base = ["generate", "--model", tiny_mlx, "--image", image_path, "--max-tokens", "4", "--json"]
+    question = "what color is the shape?"
+    (tmp_path / "q.txt").write_text(question + "\n")
+    results = [
+        invoke(*base, "--prompt", question),
+        invoke(*base, "--prompt-file", tmp_path / "q.txt"),
+        invoke(*base, "--prompt", "-", stdin=(question + "\n").encode()),
+    ]
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+    assert len({json.loads(r.stdout)["text"] for r in results}) == 1
+
+
+def test_bad_prompts(tiny_mlx, image_path, tmp_path):
+    base = ["generate", "--model", tiny_mlx, "--image", image_path]
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    assert_clean_error(invoke(*base, "--prompt-file", tmp_path / "latin1.txt"), "latin1.txt", "UTF-8")
+    assert_clean_error(invoke(*base, "--prompt", "-", stdin=b"\xff\xfe"), "stdin", "UTF-8")
+    assert_clean_error(invoke(*base, "--prompt", "caf\udce9"), "--prompt", "UTF-8")  # how the OS hands over bad bytes
+    assert_clean_error(invoke(*base, "--prompt-file", tmp_path / "missing.txt"), "missing.txt")
+    assert_clean_error(invoke(*base, "--prompt-file", tmp_path), str(tmp_path))
+    assert_clean_error(invoke(*base), "--prompt-file")
+    assert_clean_error(invoke(*base, "--prompt", "x", "--prompt-file", tmp_path / "latin1.txt"), "--prompt-file")
+
+
+def test_prompt_past_the_context(tiny_pair, tiny_mlx, image_path, tmp_path):
+    from fastvlm_mlx.prompt import tokenize_prompt
+
+    question = "what color is the shape? " * 20
+    text_tokens = sum(map(len, tokenize_prompt(tiny_pair[2], question)))
+    context = text_tokens + 64 + 8  # room for 64 visual tokens and a short answer, not for all 256
+    model = shutil.copytree(tiny_mlx, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    config["text"]["max_position_embeddings"] = context
+    (model / "config.json").write_text(json.dumps(config))
+    (tmp_path / "long.txt").write_text(question)
+    base = ["generate", "--model", model, "--image", image_path, "--prompt-file", tmp_path / "long.txt"]
+    assert_clean_error(invoke(*base), f"{text_tokens + 256} tokens", f"context is {context}")
+    result = invoke(*base, "--pruner", "norm", "--keep-ratio", "0.25", "--json")  # 64 visual tokens fit
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["token_ids"]) <= 8
+
+
+def test_answer_stops_at_the_context(tiny_pair, image_path):
+    from fastvlm_mlx.generate import generate as run
+    from fastvlm_mlx.prompt import tokenize_prompt
+
+    _, model, tokenizer, _ = tiny_pair
+    before, after = tokenize_prompt(tokenizer, "hi")
+    prompt_tokens = len(before) + 256 + len(after)
+    previous = model.config.max_context
+    model.config.max_context = prompt_tokens + 2
+    try:
+        result = run(model, tokenizer, image_path, "hi", max_tokens=50)
+    finally:
+        model.config.max_context = previous
+    assert len(result.token_ids) <= 2
+
+
+@pytest.mark.parametrize("spec", ["easy-vqa:abc", "easy-vqa:-5", "easy-vqa:0", "easy-vqa:", "easy-vqa:1.5", "nope"])
+def test_bench_dataset_spec_is_parsed_strictly(tiny_mlx, tmp_path, spec):
+    base = ["bench", "--model", tiny_mlx, "--frameworks", "mlx", "--pruners", "none", "--out", tmp_path]
+    assert_clean_error(invoke(*base, "--dataset", spec), spec)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    ["{not json", "{}", "[]", '["x"]', '[{"image": "a.png"}]', '[{"image": 1, "question": "q", "answer": "a"}]']
+    + ['[{"image": "missing.png", "question": "q", "answer": "a"}]', "\xff"],
+)
+def test_bench_malformed_dataset_file(tiny_mlx, tmp_path, rows):
+    dataset = tmp_path / "qa.json"
+    dataset.write_bytes(rows.encode("latin-1"))
+    base = ["bench", "--model", tiny_mlx, "--frameworks", "mlx", "--pruners", "none", "--out", tmp_path / "out"]
+    assert_clean_error(invoke(*base, "--dataset", dataset), "qa.json")
+
+
+def test_outputs_are_never_overwritten_or_misplaced(tiny_mlx, image_path, tmp_path):
+    mine = tmp_path / "mine.png"
+    mine.write_text("keep")
+    assert_clean_error(invoke(*viz_args(tiny_mlx, image_path, mine)), "already exists", "--force")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert_clean_error(invoke(*viz_args(tiny_mlx, image_path, folder), "--force"), "is a folder")
+    assert_clean_error(invoke(*viz_args(tiny_mlx, image_path, mine / "sub" / "v.png")), "mine.png is a file")
+    bench = ["bench", "--model", tiny_mlx, "--image", image_path, "--frameworks", "mlx", "--pruners", "none"]
+    assert_clean_error(invoke(*bench, "--out", mine), "mine.png is a file")
+    assert mine.read_text() == "keep" and not any(folder.iterdir())
+    written = invoke(*viz_args(tiny_mlx, image_path, folder / "v.png"))
+    assert written.returncode == 0 and [p.name for p in folder.iterdir()] == ["v.png"]  # no partial file left
