@@ -77,7 +77,8 @@ def check_fields(cls, values: dict[str, Any], where: Path, prefix: str = "") -> 
             continue
         value, annotation = values[spec.name], hints[spec.name]
         if not _has_type(value, annotation):
-            shown = getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+            shown = str(annotation).replace("typing.", "").replace("tuple[", "list[").replace(", ...]", "]")
+            shown = getattr(annotation, "__name__", shown) if get_origin(annotation) is None else shown
             raise UserError(
                 f"{where}: field {prefix}{spec.name} is {json.dumps(value)[:40]}, not of type {shown}; "
                 "fix it or re-run `fastvlm-mlx convert`"
