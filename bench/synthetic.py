@@ -138,6 +138,8 @@ def to_original_layout(hf_dir: Path, out_dir: Path, vision: VisionConfig) -> Pat
         "mm_hidden_size": vision.num_features,
         "mm_projector_type": "mlp2x_gelu",
         "image_aspect_ratio": "pad",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
         "eos_token_id": raw.get("eos_token_id"),
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))

@@ -1,4 +1,4 @@
-"""Convert an Apple (`llava_qwen2`) or transformers (`fast_vlm`) FastVLM checkpoint to MLX.
+"""Convert an Apple (`llava_qwen2`), transformers (`fast_vlm`) or mlx-vlm FastVLM checkpoint to MLX.
 
 read (source) -> rename (keymap) -> fold BatchNorm and layer scale -> conv layouts -> tie/vocab
 rules -> check every parameter -> cast -> publish at OUT without losing anything (replace).
@@ -15,7 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from convert import keymap, replace
+from convert import keymap, mlx_vlm, replace
 from convert.source import check_vocabulary, read_json, read_weights, tokenizer_length, weight_files
 from fastvlm_mlx.config import FastVLMConfig, VisionConfig, check_image_size
 from fastvlm_mlx.errors import UserError
@@ -179,11 +179,12 @@ def tie_embeddings(weights: dict[str, mx.array], tied: bool) -> None:
 
 def truncate_vocab(weights: dict[str, mx.array], size: int) -> None:
     """The original runtime resizes embeddings to len(tokenizer) after loading."""
-    for key in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
-        if key in weights:
-            if weights[key].shape[0] < size:
-                raise UserError(f"tokenizer has {size} tokens but {key} has only {weights[key].shape[0]} rows")
-            weights[key] = weights[key][:size]
+    for module in ("language_model.model.embed_tokens", "language_model.lm_head"):
+        for key in (f"{module}.{part}" for part in ("weight", "scales", "biases")):  # quantized: by rows too
+            if key in weights:
+                if weights[key].shape[0] < size:
+                    raise UserError(f"tokenizer has {size} tokens but {key} has only {weights[key].shape[0]} rows")
+                weights[key] = weights[key][:size]
 
 
 def describe_source(src: Path, raw: dict) -> tuple[VisionConfig, dict, bool, Callable | None, dict]:
@@ -324,21 +325,29 @@ def build(src: Path, dtype: str) -> tuple[FastVLMConfig, dict[str, mx.array]]:
     """Everything but writing: the MLX config and checked, cast weights."""
     raw = read_config(src)
     vision, text, tied, to_hf, fields = describe_source(src, raw)
+    files = weight_files(src)
+    mlx_vlm_names = mlx_vlm.written_by_mlx_vlm(files)  # mlx-community folders: MLX layouts, maybe quantized
+    quantization = mlx_vlm.quantization(raw, mlx_vlm_names) if mlx_vlm_names else None
     tokens = tokenizer_length(src)  # before reading gigabytes of weights
-    mapped = rename(read_weights(weight_files(src)), to_hf)
+    mapped = rename(read_weights(files), mlx_vlm.to_hf(vision) if mlx_vlm_names else to_hf)
     if EMBED not in mapped:
         raise UserError(f"{src} has no embed_tokens weight; is this a FastVLM checkpoint?")
     fold_batchnorm(mapped)
     fold_layer_scale(mapped)
-    apply_conv_layouts(mapped)
+    (mlx_vlm.apply_conv_layouts if mlx_vlm_names else apply_conv_layouts)(mapped)
     tie_embeddings(mapped, tied)
     eos = eos_ids(src, raw, text)
-    check_vocabulary(src, tokens, mapped[EMBED].shape[0], (*eos, fields["image_token_id"]))
-    if fields["source_layout"] == "llava_qwen2":
+    truncates = fields["source_layout"] == "llava_qwen2"
+    check_vocabulary(src, tokens, mapped[EMBED].shape[0], (*eos, fields["image_token_id"]), truncates)
+    if truncates:
         truncate_vocab(mapped, tokens)
     vocab = mapped[EMBED].shape[0]
-    config = FastVLMConfig(vision=vision, text=text_config(text, vocab, tied), eos_token_ids=eos or (151645,), **fields)
-    check_weights(FastVLM(config), mapped, f"converting {src}")
+    text = text_config(text, vocab, tied)
+    config = FastVLMConfig(vision=vision, text=text, eos_token_ids=eos or (151645,), quantization=quantization, **fields)
+    model = FastVLM(config)
+    if quantization:
+        quantize_model(model, quantization)
+    check_weights(model, mapped, f"converting {src}")
     cast = DTYPES[dtype]
     return config, {k: v.astype(cast) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in mapped.items()}
 
@@ -374,6 +383,8 @@ def convert(
     out = replace.check_output(out, force, src=src)
     config, weights = build(src, dtype)
     config.pruner, config.keep_ratio = pruner, keep_ratio if pruner else 1.0
+    if quantize is not None and config.quantization:
+        raise UserError(f"{src} is quantized already ({config.quantization['bits']}-bit); drop --quantize")
     if quantize is not None:
         config.quantization = dict(bits=quantize, group_size=group_size, projector=quantize_projector)
         weights = quantized_weights(config, weights)

@@ -133,12 +133,15 @@ def tokenizer_length(src: Path) -> int:
     raise UserError(f"cannot load the tokenizer in {src} ({reason}); {TOKENIZER_FIX}") from None
 
 
-def check_vocabulary(src: Path, tokens: int, rows: int, token_ids: tuple[int, ...]) -> None:
-    """The tokenizer must plausibly belong to an embedding of `rows` rows and know the config's token ids."""
-    if not rows // 2 < tokens <= rows:
+def check_vocabulary(src: Path, tokens: int, rows: int, token_ids: tuple[int, ...], truncates: bool) -> None:
+    """The tokenizer must fit an embedding of `rows` rows and know the config's token ids. Where the
+    embedding is cut to the tokenizer's length (Apple's layout, as its runtime does), a tokenizer
+    of half the rows or fewer is taken for a wrong or incomplete one."""
+    least = rows // 2 if truncates else 0
+    if not least < tokens <= rows:
         raise UserError(
             f"the tokenizer in {src} has {tokens} tokens but the embedding has {rows} rows "
-            f"(expected more than {rows // 2} and at most {rows}); its files are incomplete or from another model: "
+            f"(expected more than {least} and at most {rows}); its files are incomplete or from another model: "
             f"{TOKENIZER_FIX}"
         )
     unknown = [i for i in token_ids if i >= tokens]

@@ -164,7 +164,7 @@ def special_tokens_only(src: Path) -> None:
         ("config_and_special_tokens_map_only", "no tokenizer vocabulary"),
         ("vocab_without_merges", "vocab.json but no merges.txt"),
         ("garbage_tokenizer_json", "cannot load the tokenizer"),
-        ("three_tokens", "has 3 tokens but the embedding has 384 rows"),
+        ("three_tokens", "beyond its tokenizer.s 3 tokens"),
     ],
 )
 def test_incomplete_tokenizers_are_refused(tiny_hf, tmp_path, damage, message):
@@ -183,15 +183,16 @@ def test_incomplete_tokenizers_are_refused(tiny_hf, tmp_path, damage, message):
 
 
 def test_vocabulary_plausibility_bounds():
-    check_vocabulary(Path("src"), 300, 384, (299, -200))
-    check_vocabulary(Path("src"), 151646, 151936, (151645,))
-    for tokens, rows, ids, message in (
-        (192, 384, (), "192 tokens but the embedding has 384 rows"),
-        (385, 384, (), "385 tokens"),
-        (300, 384, (300,), "token id 300, beyond"),
+    check_vocabulary(Path("src"), 300, 384, (299, -200), truncates=True)
+    check_vocabulary(Path("src"), 151646, 151936, (151645,), truncates=True)
+    check_vocabulary(Path("src"), 317, 151936, (316,), truncates=False)  # a small tokenizer, embedding kept
+    for tokens, rows, ids, truncates, message in (
+        (192, 384, (), True, "192 tokens but the embedding has 384 rows"),
+        (385, 384, (), False, "385 tokens"),
+        (300, 384, (300,), False, "token id 300, beyond"),
     ):
         with pytest.raises(UserError, match=message):
-            check_vocabulary(Path("src"), tokens, rows, ids)
+            check_vocabulary(Path("src"), tokens, rows, ids, truncates)
 
 
 def transformers_source(tmp_path: Path, seq: int | None = None, crop: int | None = None) -> tuple[Path, dict]:
