@@ -1,7 +1,8 @@
 """The one key map: checkpoint names -> MLX names, plus the explicit conv-layout lists.
 
 Original (`llava_qwen2`) keys are first renamed to transformers (`fast_vlm`) keys, then
-transformers keys to MLX keys. Renames are ordered (prefix, replacement) pairs.
+transformers keys to MLX keys; mlx-vlm's keys are renamed to original ones first. Renames are
+ordered (prefix, replacement) pairs.
 """
 
 import re
@@ -33,6 +34,16 @@ ORIGINAL_VISION_RENAMES = (
     (r"\.se\.expand\.", ".se.fc2."),
 )
 ORIGINAL_VISION_DROPPED = (r"^head\.", r"num_batches_tracked$")
+
+# mlx-vlm's FastVLM names (mlx-community folders) -> original names. Its tensors are already in
+# MLX layouts (convs OHWI, layer scales (1, 1, C)) and its BatchNorms unfolded; see convert.mlx_vlm.
+MLX_VLM_TO_ORIGINAL = (
+    ("vision_tower.vision_model.patch_embed.blocks.", ORIGINAL_VISION + "patch_embed."),
+    ("vision_tower.vision_model.", ORIGINAL_VISION),
+    ("mm_projector.", "model.mm_projector."),
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+)
 
 # transformers -> MLX module paths.
 HF_TO_MLX = (
@@ -94,6 +105,14 @@ def original_to_hf(key: str, vision: VisionConfig) -> str | None:
     stages = network_index_map(vision)
     name = re.sub(r"^network\.(\d+)\.", lambda m: stages[int(m.group(1))] + ".", name)
     return HF_VISION + name
+
+
+def mlx_vlm_to_hf(key: str, vision: VisionConfig) -> str | None:
+    """mlx-vlm checkpoint key -> transformers key (through the original name), None when dropped."""
+    original = _rename_prefix(key, MLX_VLM_TO_ORIGINAL)
+    if original is None:
+        raise KeyError(key)
+    return original_to_hf(original, vision)
 
 
 def hf_to_original(key: str, vision: VisionConfig) -> str:
