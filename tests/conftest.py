@@ -72,3 +72,19 @@ def tiny_pair(tiny_hf, tiny_mlx, image_path):
     model, tokenizer = load_model(tiny_mlx)
     pixels = preprocess(load_image(image_path), model.config.image_size, model.config.preprocess_mode)
     return tiny_hf[1], model, tokenizer, pixels
+
+
+def isolated_environment(home: Path, **extra: str) -> dict:
+    """This process's environment for a subprocess with its own HOME (so its own private cache):
+    no fastvlm-mlx settings, no XDG_CACHE_HOME, none of this process's private folders on PATH."""
+    from fastvlm_mlx.cpu import private
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTVLM_MLX_") and k != "XDG_CACHE_HOME"}
+    root = private.machine_folder() or "\0"
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not p.startswith(root))
+    return env | {"HOME": str(home)} | extra
+
+
+@pytest.fixture(scope="session")
+def isolated_env():
+    return isolated_environment

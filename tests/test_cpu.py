@@ -4,7 +4,6 @@ never used; builds are keyed by the CPU; freed buffers are kept."""
 
 import os
 import platform
-import shutil
 import stat
 import subprocess
 import sys
@@ -22,34 +21,32 @@ def macros(compiler: str, source: str, *args: str) -> set[str]:
     return set(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines())
 
 
+WRAPPER = """
+import shutil, fastvlm_mlx
+from fastvlm_mlx.cpu import jit
+jit.private_kernel_folder(native=True)
+print(jit.native_jit(), shutil.which("g++"), jit._real_gxx())
+"""
+
+
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="checks x86 ISA macros")
-def test_only_builds_in_our_kernel_folder_get_native_flags(tmp_path):
+def test_only_builds_in_our_kernel_folder_get_native_flags(tmp_path, isolated_env):
+    """In a fresh process: the wrapper is in place (a failed install fails here, not skips),
+    builds of a source in its kernel folder get -march=native, others are unchanged."""
     if not jit.native_flags_apply():
         pytest.skip("no g++ here")
-    folder = jit.private_kernel_folder(native=True)
-    if not jit.native_jit():
-        pytest.skip("this process chose MLX's own flags first")
-    wrapper, real = shutil.which("g++"), jit._real_gxx()
-    assert os.path.dirname(wrapper).startswith(private.machine_folder()) and real != wrapper
-    kernels = os.path.join(folder, "mlx", mx.__version__, "cpu")
-    os.makedirs(kernels, exist_ok=True)
-    kernel, elsewhere = os.path.join(kernels, f"test-{os.getpid()}.cpp"), str(tmp_path / "mine.cpp")
+    env = isolated_env(tmp_path)
+    out = subprocess.run([sys.executable, "-c", WRAPPER], env=env, capture_output=True, text=True, check=True)
+    native, wrapper, real = out.stdout.split()
+    assert native == "True" and wrapper.startswith(str(tmp_path / ".cache" / "fastvlm-mlx")) and real != wrapper
+    kernels = next((tmp_path / ".cache").rglob("mlx-kernels-native")) / "mlx" / mx.__version__ / "cpu"
+    kernels.mkdir(parents=True, exist_ok=True)
+    kernel, elsewhere = str(kernels / "test.cpp"), str(tmp_path / "mine.cpp")
     for path in (kernel, elsewhere):
         open(path, "w").close()
-    try:
-        assert macros(wrapper, kernel, "-fPIC", "-shared") == macros(real, kernel, "-march=native", "-fPIC", "-shared")
-        assert macros(wrapper, elsewhere, "-fPIC", "-shared") == macros(real, elsewhere, "-fPIC", "-shared")
-        assert open(elsewhere).read() == ""  # a source outside our kernel folder is not touched
-    finally:
-        os.remove(kernel)
-
-
-def clean_env(home) -> dict:
-    """This environment with a fresh HOME, no fastvlm-mlx settings and none of our PATH entries."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTVLM_MLX_") and k != "XDG_CACHE_HOME"}
-    root = private.machine_folder() or "\0"
-    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not p.startswith(root))
-    return env | {"HOME": str(home)}
+    assert macros(wrapper, kernel, "-fPIC", "-shared") == macros(real, kernel, "-march=native", "-fPIC", "-shared")
+    assert macros(wrapper, elsewhere, "-fPIC", "-shared") == macros(real, elsewhere, "-fPIC", "-shared")
+    assert open(elsewhere).read() == ""  # a source outside our kernel folder is not touched
 
 
 STRIDED = """
@@ -66,7 +63,7 @@ print(max(float(np.abs(g - v).max() / np.abs(v).max()) for g, v in zip(got, want
 """
 
 
-def test_strided_kernels_get_a_unit_stride_loop_and_stay_right(tmp_path):
+def test_strided_kernels_get_a_unit_stride_loop_and_stay_right(tmp_path, isolated_env):
     """A slice times a per-channel vector (inner stride 1 everywhere: the new loop) and a slice
     times a transposed input (inner stride 11: the original loop) give numpy's values; the
     kernels are built in the private folder, none in TMPDIR."""
@@ -74,7 +71,7 @@ def test_strided_kernels_get_a_unit_stride_loop_and_stay_right(tmp_path):
         pytest.skip("no g++ here")
     shared = tmp_path / "shared"
     shared.mkdir()
-    env = clean_env(tmp_path) | {"TMPDIR": str(shared)}
+    env = isolated_env(tmp_path, TMPDIR=str(shared))
     out = subprocess.run([sys.executable, "-c", STRIDED], env=env, capture_output=True, text=True, check=True)
     folder, error = out.stdout.split()
     assert float(error) < 1e-6  # relative to the largest value
@@ -110,7 +107,6 @@ def test_the_cache_key_names_the_cpu(monkeypatch):
     assert len(keys) == 3
 
 
-@pytest.mark.skipif(not LINUX or os.getuid() != 0, reason="needs root to give a folder to another owner")
 def test_safe_path_rejects_what_others_can_change(tmp_path):
     base = tmp_path / "base"
     (base / "ours").mkdir(parents=True)
@@ -120,11 +116,12 @@ def test_safe_path_rejects_what_others_can_change(tmp_path):
     base.chmod(0o777 | stat.S_ISVTX)  # sticky (as /tmp): others cannot rename our entries
     assert private.safe_path(str(base / "ours"))
     base.chmod(0o755)
-    os.chown(base / "ours", 65534, 65534)  # another user's folder
-    assert not private.safe_path(str(base / "ours"))
-    link = tmp_path / "link"
-    link.symlink_to(base / "ours")  # followed: the target counts
-    assert not private.safe_path(str(link))
+    if os.getuid() == 0:  # only root can give a folder to another owner
+        os.chown(base / "ours", 65534, 65534)
+        assert not private.safe_path(str(base / "ours"))
+        link = tmp_path / "link"
+        link.symlink_to(base / "ours")  # followed: the target counts
+        assert not private.safe_path(str(link))
 
 
 def test_an_unsafe_home_cache_is_not_used(tmp_path, monkeypatch):
@@ -138,11 +135,92 @@ def test_an_unsafe_home_cache_is_not_used(tmp_path, monkeypatch):
     folder = private.machine_folder()
     assert folder is None or not folder.startswith(str(open_parent))
     assert folder is None or private.safe_path(folder)
+    assert list(open_parent.iterdir()) == []  # nothing made there either
 
 
-def test_a_symlink_planted_as_our_folder_is_refused(tmp_path, monkeypatch):
+def test_a_cache_reached_through_a_link_others_can_repoint_is_used_resolved(tmp_path, monkeypatch):
+    """XDG_CACHE_HOME through a symlink in a world-writable folder: the folder we use (and hand to
+    MLX and PATH) is the resolved one, so re-pointing the link later changes nothing for us."""
+    target = tmp_path / "mine"
+    target.mkdir(mode=0o700)
+    open_parent = tmp_path / "open"
+    open_parent.mkdir()
+    open_parent.chmod(0o777)
+    (open_parent / "link").symlink_to(target)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(open_parent / "link"))
+    monkeypatch.setattr(private, "_FOLDER", [])
+    assert private.machine_folder() == str(target / "fastvlm-mlx" / private.cpu_key())
+
+
+@pytest.mark.parametrize("base", ["relative/cache", ""])
+def test_a_relative_cache_home_is_ignored(tmp_path, monkeypatch, base):
+    """A relative folder would move with the working folder of every child process."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", base)
+    monkeypatch.setenv("HOME", "")
+    monkeypatch.setattr(private, "_FOLDER", [])
+    folder = private.machine_folder()
+    assert folder is None or os.path.isabs(folder)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_arm64_cpus_get_keys_of_their_own(monkeypatch):
+    """arm64's /proc/cpuinfo has no model name or flags: its part and features name the CPU."""
+    keys = set()
+    for part, features in [("0xd0c", "fp asimd"), ("0xd40", "fp asimd sve"), ("0xd40", "fp asimd")]:
+        info = {"CPU part": part, "Features": features, "CPU implementer": "0x41"}
+        monkeypatch.setattr(private, "cpu_info", lambda field, i=info: i.get(field))
+        keys.add(private.cpu_key())
+    assert len(keys) == 3
+
+
+def test_builds_are_found_again_whatever_the_umask(tmp_path, monkeypatch):
+    """With umask 002 (Ubuntu's default for users) the compiler writes group-writable files; the
+    cached library must still be found, not rebuilt by every process."""
+    from fastvlm_mlx.cpu import native
+
+    if native.compiler() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(private, "_FOLDER", [])
+    previous = os.umask(0o002)
+    try:
+        first = native.build("int one(void) { return 1; }\n", "one")
+        inode = os.stat(first).st_ino
+        assert native.build("int one(void) { return 1; }\n", "one") == first
+        assert os.stat(first).st_ino == inode and private.owned_file(first)
+    finally:
+        os.umask(previous)
+
+
+def test_a_failed_wrapper_install_falls_back_to_mlx_flags(tmp_path, monkeypatch):
+    """A full disk or quota while writing the g++ wrapper: MLX's own flags, no partial file left."""
+    if not jit.native_flags_apply():
+        pytest.skip("no g++ here")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(private, "_FOLDER", [])
+    monkeypatch.setattr(jit, "KERNEL_FOLDER", [])
+    monkeypatch.setattr(os, "putenv", lambda *a: None)
+    path = os.environ["PATH"]
+    real_open = os.open
+
+    def full(name, *args, **kwargs):
+        if str(name).endswith(f"g++.{os.getpid()}"):
+            raise OSError(28, "No space left on device", name)
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", full)
+    folder = jit.private_kernel_folder(native=True)
+    assert folder is not None and not folder.endswith("-native") and not jit.native_jit()
+    assert os.environ["PATH"] == path
+    assert not [p for p in tmp_path.rglob("g++*")]
+
+
+def test_a_symlink_to_a_folder_others_can_write_is_refused(tmp_path, monkeypatch):
+    """Our folder's name pointing at a folder anyone may write: not used, nothing written there."""
     elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir(mode=0o700)
+    elsewhere.mkdir()
+    elsewhere.chmod(0o777)
     (tmp_path / "cache").mkdir(mode=0o700)
     (tmp_path / "cache" / "fastvlm-mlx").symlink_to(elsewhere)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

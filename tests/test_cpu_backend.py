@@ -3,7 +3,6 @@ the CPU none of our kernels runs; import and --help do nothing; one variable tur
 off; without a compiler everything still works; half precision matches float32."""
 
 import ast
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,20 +10,18 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import isolated_environment
 
 from fastvlm_mlx import model as model_module
 from fastvlm_mlx import vision
-from fastvlm_mlx.cpu import conv, modules, native, private
+from fastvlm_mlx.cpu import conv, modules, native
 from fastvlm_mlx.load import embedded_model, load_model
 
 LINUX = sys.platform.startswith("linux")
 
 
 def clean_env(home: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTVLM_MLX_") and k != "XDG_CACHE_HOME"}
-    root = private.machine_folder() or "\0"
-    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not p.startswith(root))
-    return env | {"HOME": str(home), "TMPDIR": str(home / "tmp")} | extra
+    return isolated_environment(home, TMPDIR=str(home / "tmp"), **extra)
 
 
 def python(code: str, env: dict) -> list[str]:

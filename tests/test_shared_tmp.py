@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from conftest import isolated_environment
 
 from fastvlm_mlx.cpu import private
 
@@ -24,10 +25,7 @@ needs_linux_compiler = pytest.mark.skipif(
 
 
 def env_for(home: Path, tmpdir: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTVLM_MLX_") and k != "XDG_CACHE_HOME"}
-    root = private.machine_folder() or "\0"
-    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not p.startswith(root))
-    return env | {"HOME": str(home), "TMPDIR": str(tmpdir)} | extra
+    return isolated_environment(home, TMPDIR=str(tmpdir), **extra)
 
 
 def generate(python: list[str], env: dict, image: Path, *extra: str, user: str | None = None):

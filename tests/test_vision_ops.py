@@ -37,9 +37,10 @@ def test_native_depthwise_matches_conv2d(batch, height, width, channels, k, stri
     x = mx.random.normal((batch, height, width, channels), key=mx.random.key(0))
     weight = mx.random.normal((channels, k, k, 1), key=mx.random.key(1))
     bias = mx.random.normal((channels,), key=mx.random.key(2))
-    mine = native.depthwise(x, weight, bias, stride, threads=3)
-    if mine is None:
+    if native.compiler() is None:
         pytest.skip("no C compiler here")
+    mine = native.depthwise(x, weight, bias, stride, threads=3)
+    assert mine is not None, "the C depthwise kernel did not build"
     ref = mx.conv2d(x, weight, stride=stride, padding=k // 2, groups=channels) + bias
     assert mine.shape == ref.shape
     assert mx.abs(mine - ref).max().item() <= 1e-5 * mx.abs(ref).max().item()

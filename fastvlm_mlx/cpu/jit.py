@@ -17,6 +17,7 @@
   with the cache). Raised to a quarter of the memory this process may use, at most 4 GiB.
 """
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -67,9 +68,15 @@ def _install_wrapper(kernels: str) -> bool:
     wrapper = os.path.join(folder, "g++")
     if not private.owned_file(wrapper):
         partial = f"{wrapper}.{os.getpid()}"
-        with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o700), "w") as f:
-            f.write(text)
-        os.replace(partial, wrapper)
+        try:
+            with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o700), "w") as f:
+                f.write(text)
+            os.chmod(partial, 0o700)  # whatever the umask
+            os.replace(partial, wrapper)
+        except OSError:  # disk full, quota, read-only home: MLX's own flags instead
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+            return False
     os.environ["PATH"] = os.pathsep.join([folder, *os.environ.get("PATH", os.defpath).split(os.pathsep)])
     return True
 

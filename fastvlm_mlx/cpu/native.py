@@ -46,6 +46,7 @@ def build(source: str, name: str, flags: tuple[str, ...] = ()) -> str | None:
             command = [cc, "-O3", "-shared", "-fPIC", *flags, *language, src, "-o", built]
             if subprocess.run(command, capture_output=True, timeout=300).returncode != 0:
                 return None
+            os.chmod(built, 0o500)  # whatever the umask: owned_file accepts no group or other write
             os.replace(built, library)  # atomic: a concurrent build yields the same file
         return library
     except (OSError, subprocess.SubprocessError):  # disk full, compiler killed, ...

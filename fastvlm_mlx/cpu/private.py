@@ -19,6 +19,10 @@ import stat
 import tempfile
 
 _FOLDER: list = []  # [path or None], once found
+# /proc/cpuinfo fields that name a CPU and what it can run: x86 (model name, flags) and arm64
+# (implementer, part, variant, revision, Features), which has neither of the first two.
+_IDENTITY = ("model name", "flags", "CPU implementer", "CPU architecture", "CPU variant", "CPU part")
+_IDENTITY += ("CPU revision", "Features")
 
 
 def cpu_info(field: str) -> str | None:
@@ -32,9 +36,7 @@ def cpu_info(field: str) -> str | None:
 
 def cpu_key() -> str:
     """Names this machine's CPU: native builds for one must never be loaded on another."""
-    identity = "\n".join(
-        (platform.machine(), platform.processor(), cpu_info("model name") or "", cpu_info("flags") or "")
-    )
+    identity = "\n".join([platform.machine(), platform.processor(), *(cpu_info(f) or "" for f in _IDENTITY)])
     return f"{platform.machine()}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
 
 
@@ -58,8 +60,17 @@ def safe_path(path: str) -> bool:
     return True
 
 
+def _existing_ancestor(path: str) -> str:
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
 def _own_private_folder(path: str) -> str | None:
-    """Make `path` (mode 0700) or reuse it if it is already ours and private; None otherwise."""
+    """Make `path` (mode 0700) or reuse it if it is already ours and private; None otherwise.
+    Nothing is made under a folder others could change; `path` must be absolute and resolved."""
+    if not safe_path(_existing_ancestor(path)):
+        return None
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         try:
@@ -79,9 +90,12 @@ def _own_private_folder(path: str) -> str | None:
 
 
 def _candidates() -> list[str]:
+    """Absolute, symlink-free roots to try (a relative one would move with the working folder,
+    and a link could be re-pointed after our check)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     tmp = tempfile.gettempdir() if safe_path(tempfile.gettempdir()) else "/tmp"
-    return [os.path.join(base, "fastvlm-mlx"), os.path.join(tmp, f"fastvlm-mlx-{os.getuid()}")]
+    roots = [os.path.join(base, "fastvlm-mlx"), os.path.join(tmp, f"fastvlm-mlx-{os.getuid()}")]
+    return [os.path.realpath(root) for root in roots if os.path.isabs(root)]
 
 
 def machine_folder() -> str | None:
