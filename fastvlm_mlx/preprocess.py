@@ -1,6 +1,7 @@
 """Image file -> NHWC float pixels in [0, 1], as FastVLM's two reference pipelines do it."""
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -19,20 +20,25 @@ def load_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image not found: {path} (check the --image path)")
+    return decode_image(path, str(path))
+
+
+def decode_image(source: Path | BinaryIO, name: str) -> Image.Image:
+    """Decode an image file or file object as upright 8-bit RGB; errors are ImageErrors naming `name`."""
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+        with Image.open(source) as image:
+            return to_rgb(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as error:
-        raise ImageError(f"{path} is too large to read safely ({error}); give a smaller image") from None
+        raise ImageError(f"{name} is too large to read safely ({error}); give a smaller image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:
         # the classes PIL's decoders raise on damaged files
         raise ImageError(
-            f"cannot read {path} as an image ({error}); give a PNG, JPEG or other PIL-readable file"
+            f"cannot read {name} as an image ({error}); give a PNG, JPEG or other PIL-readable file"
         ) from None
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16/32-bit and float grey scaled, transparent pixels black."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit grayscale: scale to 8 bits instead of clipping.
         values = np.asarray(image, dtype=np.float64)
