@@ -343,7 +343,8 @@ def build(src: Path, dtype: str) -> tuple[FastVLMConfig, dict[str, mx.array]]:
         truncate_vocab(mapped, tokens)
     vocab = mapped[EMBED].shape[0]
     text = text_config(text, vocab, tied)
-    config = FastVLMConfig(vision=vision, text=text, eos_token_ids=eos or (151645,), quantization=quantization, **fields)
+    eos = eos or (151645,)
+    config = FastVLMConfig(vision=vision, text=text, eos_token_ids=eos, quantization=quantization, **fields)
     model = FastVLM(config)
     if quantization:
         quantize_model(model, quantization)
