@@ -113,7 +113,7 @@ def evaluate_mlx(
     positions untouched). `progress(n)` is told how many images were done."""
     import mlx.core as mx
 
-    from fastvlm_mlx.generate import prune_tokens
+    from fastvlm_mlx.features import prune_tokens
     from pruners import needs_scores
 
     scored = needs_scores(pruner, keep_ratio)

@@ -265,7 +265,8 @@ def run_bench(
         options = dict(max_tokens=max_tokens, pruner=setting.pruner, keep_ratio=setting.keep_ratio)
         if fw == "mlx":  # "none": unpruned even when the model was converted with a default pruner
             mlx_options = dict(options, pruner=setting.pruner or "none")
-            return generate(model, tokenizer, item.image, item.prompt, image_size=setting.image_size, **mlx_options)
+            size = setting.image_size
+            return generate(model, tokenizer, item.image, item.prompt, image_size=size, logprobs=True, **mlx_options)
         from bench.torch_pipeline import torch_generate
 
         # MLX gives its freed buffers back first, so PyTorch runs as it would in a process of its

@@ -88,15 +88,18 @@ def torch_generate(
         token_ids.append(int(token))
     t_last = _sync(device)
     generated = len(token_ids)
+    finish_reason = "stop" if token_ids[-1] in eos else "length"
     token_ids = [t for t in token_ids if t not in eos]
     timings = Timings.from_marks(start, t_pre, t_vision, t_prune, t_first, t_last, generated)
     return GenerationResult(
         text=tokenizer.decode(token_ids),
         token_ids=token_ids,
+        prompt_tokens=len(ids_before) + kept.shape[1] + len(ids_after),
         visual_tokens_before=vision.shape[1],
         visual_tokens_after=kept.shape[1],
         timings=timings,
         peak_memory_gb=peak_memory_gb(device),
+        finish_reason=finish_reason,
         first_logprobs=first_logprobs,
     )
 

@@ -76,7 +76,11 @@ class FiniteFloat(click.FloatRange):
 
 
 SEED = click.IntRange(0, 2**64 - 1)  # MLX seeds are unsigned 64-bit
-MODEL_HELP = "Converted MLX model directory (default: the embedded easy-VQA model)."
+MODEL_HELP = (
+    "Converted model folder, checkpoint folder (converted once, then cached) or Hugging Face repo id "
+    "such as apple/FastVLM-0.5B (default: the embedded easy-VQA model)."
+)
+IMAGE_HELP = "Image file (any format PIL reads), or an http(s) or data: URL."
 IMAGE_SIZE = click.option(
     "--image-size",
     default=None,
@@ -92,20 +96,26 @@ KEEP_RATIO = click.option(
 
 
 def _check_inputs(model_dir, image: str, pruner: str | None, keep_ratio: float | None, image_size: int | None):
-    """Fail on a bad config, image size, image, pruner or ratio before spending seconds loading the model."""
+    """Fail on a bad config, image size, image, pruner or ratio before spending seconds loading the model.
+    Returns the converted model folder (a checkpoint is converted, a repo id fetched) and the image."""
     from fastvlm_mlx.config import check_image_size
-    from fastvlm_mlx.load import embedded_model, read_config
-    from fastvlm_mlx.preprocess import load_image
+    from fastvlm_mlx.hub import resolve_model
+    from fastvlm_mlx.images import read_image
+    from fastvlm_mlx.load import read_config
     from pruners import check, keep_count
 
-    config = read_config(embedded_model() if model_dir is None else model_dir)
     if image_size is not None:
-        check_image_size(image_size, config.vision.stride)
+        check_image_size(image_size, 1)  # the stride is checked once the model's config is known
     if keep_ratio is not None:
         keep_count(1, keep_ratio)
     if pruner not in (None, "none"):
         check(pruner, 1.0 if keep_ratio is None else keep_ratio)
-    load_image(image)
+    picture = read_image(image)
+    folder = resolve_model(model_dir)
+    config = read_config(folder)
+    if image_size is not None:
+        check_image_size(image_size, config.vision.stride)
+    return folder, picture
 
 
 def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
@@ -123,16 +133,41 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
         return data.decode("utf-8").rstrip("\r\n")
 
 
+SAMPLING = (
+    click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1)),
+    click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(min=0.0), help="0 = greedy."),
+    click.option("--top-p", default=1.0, show_default=True, type=FiniteFloat(0.0, 1.0)),
+)
+
+
+def _options(*decorators):
+    def apply(fn):
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+
+    return apply
+
+
+def result_json(result) -> dict:
+    """generate --json's keys for a GenerationResult."""
+    return {
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "visual_tokens": {"before": result.visual_tokens_before, "after": result.visual_tokens_after},
+        "timings": asdict(result.timings),
+        "peak_memory_gb": result.peak_memory_gb,
+    }
+
+
 @main.command()
-@click.option("--model", "model_dir", type=click.Path(), help=MODEL_HELP)
-@click.option("--image", required=True, type=click.Path(), help="Image file (any format PIL reads).")
+@click.option("--model", "model_dir", help=MODEL_HELP)
+@click.option("--image", required=True, help=IMAGE_HELP)
 @click.option("--prompt", default=None, help="Question about the image; - reads it from stdin.")
 @click.option(
     "--prompt-file", type=click.Path(), help="Read the question from a UTF-8 file (for prompts too long to pass)."
 )
-@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(min=0.0), help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True, type=FiniteFloat(0.0, 1.0))
+@_options(*SAMPLING)
 @IMAGE_SIZE
 @PRUNER
 @KEEP_RATIO
@@ -142,44 +177,57 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 def generate(
     model_dir, image, prompt, prompt_file, max_tokens, temperature, top_p, image_size, pruner, keep_ratio, seed, as_json
 ) -> None:
-    """Answer the prompt about IMAGE, streaming the text.
+    """Answer the prompt about IMAGE, streaming the text (the answer alone on stdout).
 
     The answer stops at the model's context; a prompt that does not fit is an error."""
     from fastvlm_mlx.generate import generate as run
+    from fastvlm_mlx.generate import stream_generate
     from fastvlm_mlx.load import load_model
 
     prompt = _read_prompt(prompt, prompt_file)
-    _check_inputs(model_dir, image, pruner, keep_ratio, image_size)
-    model, tokenizer = load_model(model_dir)
-    stream = None if as_json else (lambda text: click.echo(text, nl=False))
-    result = run(
-        model,
-        tokenizer,
-        image,
-        prompt,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        image_size=image_size,
-        pruner=pruner,
-        keep_ratio=keep_ratio,
-        seed=seed,
-        on_text=stream,
-    )
-    if not as_json:
-        click.echo()
+    folder, picture = _check_inputs(model_dir, image, pruner, keep_ratio, image_size)
+    model, tokenizer = load_model(folder)
+    options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, image_size=image_size)
+    options.update(pruner=pruner, keep_ratio=keep_ratio, seed=seed)
+    if as_json:
+        click.echo(json.dumps(result_json(run(model, tokenizer, picture, prompt, **options))))
         return
-    click.echo(
-        json.dumps(
-            {
-                "text": result.text,
-                "token_ids": result.token_ids,
-                "visual_tokens": {"before": result.visual_tokens_before, "after": result.visual_tokens_after},
-                "timings": asdict(result.timings),
-                "peak_memory_gb": result.peak_memory_gb,
-            }
-        )
-    )
+    for response in stream_generate(model, tokenizer, picture, prompt, **options):
+        click.echo(response.text, nl=False)
+    click.echo()
+
+
+@main.command()
+@click.option("--model", "model_dir", help=MODEL_HELP)
+@click.option("--image", required=True, help=IMAGE_HELP)
+@click.option("--system", default=None, help="System message (default: the chat template's).")
+@_options(*SAMPLING)
+@IMAGE_SIZE
+@PRUNER
+@KEEP_RATIO
+@click.option("--seed", default=None, type=SEED, help="Random seed for sampling and the random pruner.")
+@click.option("--json", "as_json", is_flag=True, help="Questions one per stdin line, one JSON object per answer.")
+@_fail_cleanly
+def chat(model_dir, image, system, max_tokens, temperature, top_p, image_size, pruner, keep_ratio, seed, as_json):
+    """Chat about IMAGE: a follow-up question reuses the image and the conversation so far.
+
+    Type one question per line; /image PATH switches to another image (a new conversation),
+    /reset starts over, /quit ends. Answers stream to stdout, notices go to stderr. With --json,
+    each stdin line is a question (or a /command) and each answer one JSON line: generate --json's
+    keys plus turn (its number in the conversation)."""
+    from fastvlm_mlx.chat import ChatSession
+    from fastvlm_mlx.load import load_model
+    from fastvlm_mlx.prompt import check_text
+    from fastvlm_mlx.repl import run_chat
+
+    if system is not None:
+        check_text(system, "--system")
+    folder, picture = _check_inputs(model_dir, image, pruner, keep_ratio, image_size)
+    model, tokenizer = load_model(folder)
+    session = ChatSession(model, tokenizer, picture, system=system, image_size=image_size, pruner=pruner,
+                          keep_ratio=keep_ratio, seed=seed)  # fmt: skip
+    options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    run_chat(session, options, result_json if as_json else None)
 
 
 @main.command()
@@ -194,7 +242,7 @@ def generate(
 @click.option("--keep-ratio", default=1.0, show_default=True, type=FiniteFloat(), help="Its keep ratio, in (0, 1].")
 @_fail_cleanly
 def convert(src, out, dtype, force, quantize, group_size, quantize_projector, pruner, keep_ratio) -> None:
-    """Convert a FastVLM checkpoint (Apple llava_qwen2 or transformers fast_vlm) SRC to MLX in OUT."""
+    """Convert a FastVLM checkpoint SRC (Apple llava_qwen2, transformers fast_vlm or mlx-vlm's) to MLX in OUT."""
     from convert.convert import convert as run
 
     if pruner is None and keep_ratio != 1.0:
@@ -264,8 +312,8 @@ def prune_viz(model_dir, image, pruner, keep_ratio, image_size, seed, output, fo
     from fastvlm_mlx.load import load_model
     from fastvlm_mlx.pruneviz import draw_pruning
 
-    _check_inputs(model_dir, image, pruner, keep_ratio, image_size)
-    model, _ = load_model(model_dir)
+    folder, _ = _check_inputs(model_dir, image, pruner, keep_ratio, image_size)
+    model, _ = load_model(folder)
     written = draw_pruning(model, image, pruner, keep_ratio, output, image_size=image_size, seed=seed, force=force)
     click.echo(f"wrote {written}", err=True)
 
@@ -278,7 +326,13 @@ def _split(text: str, kind=str) -> list:
 
 
 @main.group(invoke_without_command=True)
-@click.option("--model", "model_dir", type=click.Path(), help=MODEL_HELP + " With neither, its hf/ is the reference.")
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(),
+    help="Converted MLX model directory (default: the embedded easy-VQA model). "
+    "With neither, its hf/ is the reference.",
+)
 @click.option("--reference", type=click.Path(), help="The transformers or Apple checkpoint MODEL came from.")
 @click.option(
     "--synthetic", type=click.Choice(["0.5b", "1.5b", "7b"]), help="Random weights at a real size, both sides."

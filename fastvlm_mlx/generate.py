@@ -1,25 +1,31 @@
-"""End-to-end generation: image file -> preprocess -> vision -> (prune) -> prefill -> decode."""
+"""Generation: image + prompt -> vision stage -> prefill -> decode, one response per token.
+
+`stream_generate` yields a `GenerationResponse` per token (mlx-lm's shape) and `generate`
+collects them into a `GenerationResult` with stage timings. Both run one `Turn`: the prompt's
+positions go into a KV cache after the prefix of them it already holds (a chat session keeps
+its cache between turns, see `fastvlm_mlx.chat`), then decoding queues each next step before
+handing out a token, and text comes from mlx-lm's streaming detokenizer.
+"""
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import generation_stream
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from fastvlm_mlx.config import check_image_size
 from fastvlm_mlx.errors import UserError
+from fastvlm_mlx.features import ImageFeatures, VisionCache, VisionSettings, image_features
+from fastvlm_mlx.images import ImageInput
 from fastvlm_mlx.model import FastVLM
-from fastvlm_mlx.preprocess import load_image, preprocess
-from fastvlm_mlx.prompt import tokenize_prompt
-from pruners import Pruned, identity, keep_count, needs_scores, prune
+from fastvlm_mlx.prompt import as_messages, tokenize_messages
 
 PREFILL_CHUNK = 2048  # positions per prefill pass, as mlx-lm's prefill_step_size
+IMAGE_POSITION = -1  # stands for each visual token in a turn's list of positions
 
 
 @dataclass
@@ -28,7 +34,7 @@ class Timings:
     vision_s: float  # vision tower
     prune_s: float  # visual-token pruning
     prefill_s: float  # projector, splice, LLM prefill, first sample
-    ttft_s: float  # image file in -> first token out, every stage above
+    ttft_s: float  # image in -> first token out, every stage above
     decode_tokens_per_s: float  # tokens after the first, per second of decoding
 
     @classmethod
@@ -46,37 +52,158 @@ class Timings:
 
 
 @dataclass
+class GenerationResponse:
+    """One generated token, as mlx-lm's stream_generate yields it."""
+
+    text: str  # the next piece of the answer; may be empty while a character is incomplete
+    token: int
+    prompt_tokens: int  # the whole prompt, text and visual tokens
+    prompt_tps: float  # prompt positions prefilled per second (a chat follow-up prefills only its own)
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: str | None = None  # on the last response: "stop" (end of sequence) or "length"
+
+
+@dataclass
 class GenerationResult:
     text: str
     token_ids: list[int]
+    prompt_tokens: int
     visual_tokens_before: int
     visual_tokens_after: int
     timings: Timings
     peak_memory_gb: float | None  # None where the framework cannot measure it (torch on CPU)
-    # First token's log-probabilities over the vocabulary, (V,) numpy, for quality metrics.
+    finish_reason: str  # "stop" or "length"
+    # Only when asked (logprobs=True): the first token's log-probabilities, (V,) numpy, for quality metrics.
     first_logprobs: object = field(default=None, repr=False)
 
 
-def _now(*arrays: mx.array) -> float:
-    mx.eval(*arrays)
-    return time.perf_counter()
+@dataclass
+class Prompt:
+    """A turn's input: the text ids around the image and the image's features (made when needed)."""
+
+    ids_before: list[int]
+    ids_after: list[int]
+    visual_tokens: int
+    features: Callable[[], ImageFeatures]
+    messages: list[dict]  # the conversation the ids are of
+    tokenize_s: float = 0.0
+
+    @property
+    def positions(self) -> list[int]:
+        return self.ids_before + [IMAGE_POSITION] * self.visual_tokens + self.ids_after
 
 
-def _stream_text(tokenizer, token_ids: list[int], shown: str, on_text, final: bool = False) -> str:
-    """Decode all tokens (exactly as tokenizer.decode) and pass on the new, complete part."""
-    text = tokenizer.decode(token_ids)
-    if not final and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
-        return shown
-    if on_text and len(text) > len(shown):
-        on_text(text[len(shown) :])
-    return text
+class Turn:
+    """One answer: iterate for `GenerationResponse`s, then read `result()`.
+
+    `cache` holds the KV entries of `cached` (a list of positions); the turn keeps what the
+    prompt shares with it, prefills the rest and, once done, `cached` lists what the cache holds."""
+
+    def __init__(
+        self,
+        model: FastVLM,
+        tokenizer,
+        prompt: Prompt,
+        *,
+        cache=None,
+        cached: list[int] | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        logprobs: bool = False,
+    ):
+        check_sampling(temperature, top_p)
+        self.model, self.tokenizer, self.prompt = model, tokenizer, prompt
+        self.cache = make_prompt_cache(model.language_model) if cache is None else cache
+        self.cached = [] if cached is None else cached
+        self.max_tokens = min(max_tokens, room_to_answer(model.config, len(prompt.positions)))
+        self.sampler = make_sampler(temp=temperature, top_p=top_p if 0 < top_p < 1 else 0.0)
+        self.keep_logprobs = logprobs
+        self.eos = set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
+        self.token_ids: list[int] = []
+        self.text, self.finish_reason, self.features = "", "length", None
+        self.first_logprobs, self.timings = None, Timings(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+    def __iter__(self) -> Iterator[GenerationResponse]:
+        if self.max_tokens < 1:
+            return
+        mx.reset_peak_memory()
+        features = self.features = self.prompt.features()
+        self.prompt.visual_tokens = features.tokens_after
+        positions = self.prompt.positions
+        reused = min(shared_prefix(self.cached, positions), len(positions) - 1)  # the last one gives logits
+        trim_prompt_cache(self.cache, self.cache[0].offset - reused)
+        embeds = self.model.splice(self.prompt.ids_before, features.embeds, self.prompt.ids_after)[:, reused:]
+        t_prefill = time.perf_counter()
+        fed: list[int] = []
+        steps = _token_steps(self.model, embeds, self.cache, self.sampler, self.max_tokens, fed)
+        detokenizer, known = self.tokenizer.detokenizer, len(self.tokenizer._tokenizer)
+        try:
+            for n, (token, logprobs) in enumerate(steps):
+                t_last = time.perf_counter()
+                if n == 0:
+                    t_first, prompt_tps = t_last, len(embeds[0]) / max(t_last - t_prefill, 1e-9)
+                    self.first_logprobs = logprobs if self.keep_logprobs else None
+                    self.timings = self._timings(features, t_prefill, t_first, t_first, 1)
+                done = token in self.eos or n + 1 == self.max_tokens
+                if token not in self.eos:
+                    if token < known:  # ids past the tokenizer (padded embedding rows) have no text
+                        detokenizer.add_token(token)
+                    self.token_ids.append(token)
+                if done:
+                    self.finish_reason = "stop" if token in self.eos else "length"
+                    detokenizer.finalize()
+                self.timings = self._timings(features, t_prefill, t_first, t_last, n + 1)
+                text = detokenizer.last_segment
+                self.text += text
+                decode_s = t_last - t_first
+                yield GenerationResponse(
+                    text=text,
+                    token=token,
+                    prompt_tokens=len(positions),
+                    prompt_tps=prompt_tps,
+                    generation_tokens=n + 1,
+                    generation_tps=n / decode_s if n and decode_s > 0 else 0.0,
+                    peak_memory=mx.get_peak_memory() / 1e9,
+                    finish_reason=self.finish_reason if done else None,
+                )
+                if done:
+                    break
+        finally:
+            steps.close()  # the step queued after the last token: finished here, untimed
+            mx.synchronize(generation_stream)
+            self.cached[:] = (positions + fed)[: self.cache[0].offset]  # short if interrupted mid-prefill
+
+    def _timings(self, features: ImageFeatures, t_prefill: float, t_first: float, t_last: float, generated: int):
+        pre = features.preprocess_s + self.prompt.tokenize_s
+        start = t_prefill - pre - features.vision_s - features.prune_s
+        marks = (start + pre, start + pre + features.vision_s, t_prefill)
+        return Timings.from_marks(start, *marks, t_first, t_last, generated)
+
+    def result(self) -> GenerationResult:
+        """The answer so far (the whole answer once iteration ended)."""
+        features, prompt = self.features, self.prompt
+        first = self.first_logprobs
+        return GenerationResult(
+            text=self.text,
+            token_ids=list(self.token_ids),
+            prompt_tokens=len(prompt.positions),
+            visual_tokens_before=features.tokens_before if features else prompt.visual_tokens,
+            visual_tokens_after=prompt.visual_tokens,
+            timings=self.timings,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+            finish_reason=self.finish_reason,
+            first_logprobs=None if first is None else np.array(first.astype(mx.float32)),
+        )
 
 
-def generate(
+def stream_generate(
     model: FastVLM,
     tokenizer,
-    image: str | Path,
-    prompt: str,
+    image: ImageInput,
+    prompt: str | list[dict],
     *,
     max_tokens: int = 256,
     temperature: float = 0.0,
@@ -85,83 +212,70 @@ def generate(
     pruner: str | None = None,
     keep_ratio: float | None = None,
     seed: int | None = None,
-    on_text: Callable[[str], None] | None = None,
-) -> GenerationResult:
-    """Answer `prompt` about the image file; `on_text` receives text as it is decoded.
+    vision_cache: VisionCache | None = None,
+) -> Iterator[GenerationResponse]:
+    """Answer `prompt` (a question, or chat messages) about `image`, one response per token.
 
-    The vision tokens are cut to `keep_ratio` by `pruner` before the projector: None uses the
-    model's default from conversion, "none" keeps every token. `seed` seeds sampling and the
-    `random` pruner (0 when not given). A prompt (text and visual tokens) that leaves no room in
-    the model's context is a UserError; otherwise `max_tokens` is cut to the room left.
-    """
-    config = model.config
-    check_sampling(temperature, top_p)
+    `image` is a path, PIL image, uint8 array, bytes, data: or http(s) URL. The visual tokens are
+    cut to `keep_ratio` by `pruner` before the projector: None uses the model's default from
+    conversion, "none" keeps every token. `seed` seeds sampling and the `random` pruner. A prompt
+    that leaves no room in the model's context is a UserError; else `max_tokens` is cut to fit."""
+    turn = _one_turn(model, tokenizer, image, prompt, max_tokens, temperature, top_p, image_size, pruner,
+                     keep_ratio, seed, vision_cache, False)  # fmt: skip
+    yield from turn
+
+
+def generate(
+    model: FastVLM,
+    tokenizer,
+    image: ImageInput,
+    prompt: str | list[dict],
+    *,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    image_size: int | None = None,
+    pruner: str | None = None,
+    keep_ratio: float | None = None,
+    seed: int | None = None,
+    vision_cache: VisionCache | None = None,
+    logprobs: bool = False,
+) -> GenerationResult:
+    """`stream_generate`'s whole answer with stage timings; `logprobs` keeps the first token's."""
+    turn = _one_turn(model, tokenizer, image, prompt, max_tokens, temperature, top_p, image_size, pruner,
+                     keep_ratio, seed, vision_cache, logprobs)  # fmt: skip
+    for _ in turn:
+        pass
+    return turn.result()
+
+
+def _one_turn(model, tokenizer, image, prompt, max_tokens, temperature, top_p, image_size, pruner, keep_ratio,
+              seed, vision_cache, logprobs) -> Turn:  # fmt: skip
     check_seed(seed)
-    pruner, keep_ratio = resolve_pruning(config, pruner, keep_ratio)
-    scored = needs_scores(pruner, keep_ratio)
-    size = check_image_size(image_size or config.image_size, config.vision.stride)
+    settings = VisionSettings.resolve(model.config, image_size, pruner, keep_ratio, seed)
     if seed is not None:
         mx.random.seed(seed)
-    mx.reset_peak_memory()
+    prepared = make_prompt(tokenizer, prompt, settings.visual_tokens(model.config))
+    prepared.features = lambda: image_features(model, image, settings, vision_cache)
+    options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=logprobs)
+    return Turn(model, tokenizer, prepared, **options)
+
+
+def make_prompt(tokenizer, prompt: str | list[dict], visual_tokens: int, features=None, known=None) -> Prompt:
+    """The prompt's ids through the chat template, timed (tokenization counts as preprocessing)."""
     start = time.perf_counter()
-
-    pixels = mx.array(preprocess(load_image(image), size, config.preprocess_mode))
-    ids_before, ids_after = tokenize_prompt(tokenizer, prompt)
-    prompt_tokens = len(ids_before) + visual_tokens(config, size, pruner, keep_ratio) + len(ids_after)
-    max_tokens = min(max_tokens, room_to_answer(config, prompt_tokens))
-    t_pre = _now(pixels)
-
-    tokens, scores = model.encode_image(pixels, with_scores=scored)  # (1, N, D), (1, N) or None
-    t_vision = _now(tokens, *([scores] if scored else []))
-    kept = prune_tokens(tokens, scores, pruner, keep_ratio, seed or 0)
-    t_prune = _now(kept.tokens, kept.indices)
-
-    embeds = model.splice(ids_before, model.project(kept.tokens), ids_after)[0]  # (L, H)
-    sampler = make_sampler(temp=temperature, top_p=top_p if 0 < top_p < 1 else 0.0)
-    steps = _token_steps(model, embeds, sampler, max_tokens)
-    eos = set(tokenizer.eos_token_ids) | set(config.eos_token_ids)
-    token_ids: list[int] = []
-    text = ""
-    generated, t_first, t_last, first_logprobs = 0, None, None, None
-    for token, logprobs in steps:
-        token = int(token)
-        t_last = time.perf_counter()
-        t_first = t_first or t_last
-        first_logprobs = logprobs if first_logprobs is None else first_logprobs
-        generated += 1
-        if token in eos:
-            break
-        token_ids.append(token)
-        if on_text:  # decoding per token is only worth its cost when someone is watching
-            text = _stream_text(tokenizer, token_ids, text, on_text)
-    text = _stream_text(tokenizer, token_ids, text, on_text, final=True)
-    # _token_steps queues the step after each token it yields; finish the last one here, untimed,
-    # so it does not run into whatever is timed next.
-    steps.close()
-    mx.synchronize(generation_stream)
-
-    timings = Timings.from_marks(start, t_pre, t_vision, t_prune, t_first, t_last, generated)
-    return GenerationResult(
-        text=text,
-        token_ids=token_ids,
-        visual_tokens_before=tokens.shape[1],
-        visual_tokens_after=kept.tokens.shape[1],
-        timings=timings,
-        peak_memory_gb=mx.get_peak_memory() / 1e9,
-        first_logprobs=np.array(first_logprobs.astype(mx.float32)),
-    )
+    messages = as_messages(prompt)
+    before, after = tokenize_messages(tokenizer, messages, known=known)
+    return Prompt(before, after, visual_tokens, features, messages, time.perf_counter() - start)
 
 
-def _token_steps(model: FastVLM, embeds: mx.array, sampler, max_tokens: int):
+def _token_steps(model: FastVLM, embeds: mx.array, cache: list, sampler, max_tokens: int, fed: list[int]):
     """(token, logprobs) pairs, each next step queued before a token is handed out, as in
-    mlx-lm's generate_step. Written out here because, measured on a CPU, generate_step runs the
-    prompt's last position as a step of its own (reading every weight again: ~0.1 s at 0.5B)
-    and empties MLX's buffer cache at its first token (the next image's vision pass then pays
-    ~0.2 s of fresh-page faults at 1024^2). mlx-lm's model, KV cache and sampler do the work."""
-    if max_tokens < 1:
-        return
+    mlx-lm's generate_step; `fed` collects the tokens that went into the cache. Written out here
+    because, measured on a CPU, generate_step runs the prompt's last position as a step of its own
+    (reading every weight again: ~0.1 s at 0.5B) and empties MLX's buffer cache at its first token
+    (the next image's vision pass then pays ~0.2 s of fresh-page faults at 1024^2)."""
     lm = model.language_model
-    cache = make_prompt_cache(lm)
 
     def sample(hidden: mx.array):
         logits = model.head(hidden[:, -1, :])
@@ -169,19 +283,33 @@ def _token_steps(model: FastVLM, embeds: mx.array, sampler, max_tokens: int):
         return sampler(logprobs), logprobs.squeeze(0)
 
     with mx.stream(generation_stream):
-        for start in range(0, len(embeds), PREFILL_CHUNK):
+        for start in range(0, embeds.shape[1], PREFILL_CHUNK):
             if start:
                 mx.eval([c.state for c in cache])
-            hidden = lm.model(None, cache=cache, input_embeddings=embeds[None, start : start + PREFILL_CHUNK])
+            hidden = lm.model(None, cache=cache, input_embeddings=embeds[:, start : start + PREFILL_CHUNK])
         step = sample(hidden)
     mx.async_eval(*step)
     for n in range(max_tokens):
-        if n + 1 < max_tokens:
+        more = n + 1 < max_tokens
+        if more:
             with mx.stream(generation_stream):
                 following = sample(lm.model(step[0][None], cache=cache))
             mx.async_eval(*following)
-        yield step[0].item(), step[1]
-        step = following if n + 1 < max_tokens else None
+        token = step[0].item()
+        if more:
+            fed.append(token)
+        yield token, step[1]
+        step = following if more else None
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two position lists."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def check_sampling(temperature: float, top_p: float) -> None:
@@ -196,12 +324,6 @@ def check_seed(seed: int | None) -> None:
     """MLX seeds are unsigned 64-bit; anything else is a UserError instead of a TypeError from MLX."""
     if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**64):
         raise UserError(f"seed must be a whole number in [0, 2^64), not {seed!r}")
-
-
-def visual_tokens(config, image_size: int, pruner: str | None, keep_ratio: float) -> int:
-    """How many visual tokens reach the LLM at this input size, after pruning."""
-    side = math.ceil(image_size / config.vision.stride)
-    return side * side if pruner is None else keep_count(side * side, keep_ratio)
 
 
 def room_to_answer(config, prompt_tokens: int) -> int:
@@ -220,25 +342,3 @@ def context_length(config) -> int:
     checkpoint set a limit (Apple's `tokenizer_model_max_length`, which Apple's runtime cuts prompts to)."""
     positions = config.text.get("max_position_embeddings", 32768)
     return positions if config.max_context is None else min(positions, config.max_context)
-
-
-def resolve_pruning(config, pruner: str | None, keep_ratio: float | None) -> tuple[str | None, float]:
-    """(pruner, keep ratio) to run: explicit choices win over the model's converted default."""
-    if pruner == "none":
-        if keep_ratio not in (None, 1.0):
-            raise UserError("--pruner none keeps every token; drop --keep-ratio or name a pruner")
-        return None, 1.0
-    if pruner is None and config.pruner is None:
-        if keep_ratio not in (None, 1.0):
-            raise UserError("--keep-ratio needs a pruner: add --pruner NAME (e.g. --pruner divprune)")
-        return None, 1.0
-    if keep_ratio is None and config.pruner is None:  # the model has no ratio to lend
-        raise UserError(f"--pruner {pruner} needs --keep-ratio R in (0, 1], e.g. --keep-ratio 0.5")
-    return pruner or config.pruner, keep_ratio if keep_ratio is not None else config.keep_ratio
-
-
-def prune_tokens(tokens: mx.array, scores: mx.array | None, pruner: str | None, keep_ratio: float, seed: int) -> Pruned:
-    """The pipeline's pruning step: the whole token set when no pruner is given."""
-    if pruner is None:
-        return identity(tokens)
-    return prune(pruner, tokens, keep_ratio, scores=scores, seed=seed)

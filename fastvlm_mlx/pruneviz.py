@@ -11,7 +11,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from fastvlm_mlx.config import check_image_size
 from fastvlm_mlx.errors import UserError, check_writable, naming
-from fastvlm_mlx.generate import check_seed, resolve_pruning
+from fastvlm_mlx.features import resolve_pruning
+from fastvlm_mlx.generate import check_seed
 from fastvlm_mlx.model import FastVLM
 from fastvlm_mlx.preprocess import load_image, preprocess
 from pruners import check, prune

@@ -51,8 +51,12 @@ def test_model_dir_without_weights(tiny_mlx, image_path, tmp_path):
     assert_clean_error(generate(model, image_path), "model.safetensors")
 
 
-def test_unconverted_model_dir(tiny_hf, image_path):
-    assert_clean_error(generate(tiny_hf[0], image_path), "fastvlm-mlx convert")
+def test_folder_of_another_model(tiny_hf, image_path, tmp_path):
+    """A checkpoint folder is converted once and cached (tests/test_hub.py); another model type is refused."""
+    model = shutil.copytree(tiny_hf[0], tmp_path / "llama")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(dict(config, model_type="llama")))
+    assert_clean_error(generate(model, image_path), "not a converted fastvlm-mlx model", "fastvlm-mlx convert")
 
 
 def test_model_with_mismatched_shapes(tiny_mlx, image_path, tmp_path):

@@ -1,0 +1,150 @@
+"""The vision stage: image -> pixels -> vision tower -> (prune) -> projector, ready for the splice.
+
+`VisionCache` is a small LRU of finished stages keyed by the image's content hash and every
+setting that changes the result (input size, preprocessing mode, pruner, keep ratio, the random
+pruner's seed), so the same picture in a new conversation skips the tower. It holds one model's
+features: give each model its own.
+"""
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import mlx.core as mx
+from PIL import Image
+
+from fastvlm_mlx.config import check_image_size
+from fastvlm_mlx.errors import UserError
+from fastvlm_mlx.images import ImageInput, image_digest, read_image
+from fastvlm_mlx.model import FastVLM
+from fastvlm_mlx.preprocess import preprocess
+from pruners import Pruned, identity, keep_count, needs_scores, prune
+
+
+@dataclass(frozen=True)
+class VisionSettings:
+    """What the vision stage runs with, resolved against the model's defaults."""
+
+    image_size: int
+    pruner: str | None  # None keeps every visual token
+    keep_ratio: float
+    seed: int  # the random pruner's draw
+
+    @classmethod
+    def resolve(cls, config, image_size=None, pruner=None, keep_ratio=None, seed=None) -> "VisionSettings":
+        """Explicit choices win over the model's converted defaults; bad values are UserErrors."""
+        pruner, keep_ratio = resolve_pruning(config, pruner, keep_ratio)
+        needs_scores(pruner, keep_ratio)  # an unknown pruner or bad ratio fails here, before any work
+        size = check_image_size(image_size or config.image_size, config.vision.stride)
+        return cls(size, pruner, keep_ratio, seed or 0)
+
+    def visual_tokens(self, config) -> int:
+        """How many visual tokens reach the LLM at this input size, after pruning."""
+        side = math.ceil(self.image_size / config.vision.stride)
+        return side * side if self.pruner is None else keep_count(side * side, self.keep_ratio)
+
+
+@dataclass
+class ImageFeatures:
+    embeds: mx.array  # (1, k, H) projected visual tokens
+    tokens_before: int  # N, the tower's output tokens before pruning
+    key: tuple  # (image hash, size, mode, pruner, ratio, seed): equal keys, equal features
+    preprocess_s: float  # image decode and resize (0 when cached)
+    vision_s: float  # vision tower (0 when cached)
+    prune_s: float  # pruning (0 when cached)
+
+    @property
+    def tokens_after(self) -> int:
+        return self.embeds.shape[1]
+
+
+class VisionCache:
+    """Least-recently-used ImageFeatures by key; `hits`/`misses` count lookups."""
+
+    def __init__(self, max_entries: int = 8):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, ImageFeatures] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple) -> ImageFeatures | None:
+        found = self._entries.get(key)
+        if found is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return found
+
+    def put(self, features: ImageFeatures) -> None:
+        self._entries[features.key] = features
+        self._entries.move_to_end(features.key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def image_features(
+    model: FastVLM, image: ImageInput, settings: VisionSettings, cache: VisionCache | None = None
+) -> ImageFeatures:
+    """The projected visual tokens of `image`, from `cache` when it holds them."""
+    start = time.perf_counter()
+    picture = read_image(image)
+    key = feature_key(model.config, picture, settings)
+    if cache is not None and (found := cache.get(key)) is not None:
+        return ImageFeatures(found.embeds, found.tokens_before, key, time.perf_counter() - start, 0.0, 0.0)
+    features = encode(model, picture, settings, key, start)
+    if cache is not None:
+        cache.put(features)
+    return features
+
+
+def feature_key(config, picture: Image.Image, settings: VisionSettings) -> tuple:
+    seed = settings.seed if settings.pruner is not None else None  # only a pruner draws with it
+    mode, ratio = config.preprocess_mode, settings.keep_ratio
+    return (image_digest(picture), settings.image_size, mode, settings.pruner, ratio, seed)
+
+
+def encode(model: FastVLM, picture: Image.Image, settings: VisionSettings, key: tuple, start: float) -> ImageFeatures:
+    """Run the stage, timing each step (each waits for its arrays)."""
+    scored = needs_scores(settings.pruner, settings.keep_ratio)
+    pixels = mx.array(preprocess(picture, settings.image_size, model.config.preprocess_mode))
+    t_pre = _now(pixels)
+    tokens, scores = model.encode_image(pixels, with_scores=scored)  # (1, N, D), (1, N) or None
+    t_vision = _now(tokens, *([scores] if scored else []))
+    kept = prune_tokens(tokens, scores, settings.pruner, settings.keep_ratio, settings.seed)
+    t_prune = _now(kept.tokens, kept.indices)
+    embeds = model.project(kept.tokens)  # left lazy: the projector runs (and is timed) with the prefill
+    return ImageFeatures(embeds, tokens.shape[1], key, t_pre - start, t_vision - t_pre, t_prune - t_vision)
+
+
+def _now(*arrays: mx.array) -> float:
+    mx.eval(*arrays)
+    return time.perf_counter()
+
+
+def resolve_pruning(config, pruner: str | None, keep_ratio: float | None) -> tuple[str | None, float]:
+    """(pruner, keep ratio) to run: explicit choices win over the model's converted default."""
+    if pruner == "none":
+        if keep_ratio not in (None, 1.0):
+            raise UserError("--pruner none keeps every token; drop --keep-ratio or name a pruner")
+        return None, 1.0
+    if pruner is None and config.pruner is None:
+        if keep_ratio not in (None, 1.0):
+            raise UserError("--keep-ratio needs a pruner: add --pruner NAME (e.g. --pruner divprune)")
+        return None, 1.0
+    if keep_ratio is None and config.pruner is None:  # the model has no ratio to lend
+        raise UserError(f"--pruner {pruner} needs --keep-ratio R in (0, 1], e.g. --keep-ratio 0.5")
+    return pruner or config.pruner, keep_ratio if keep_ratio is not None else config.keep_ratio
+
+
+def prune_tokens(tokens: mx.array, scores: mx.array | None, pruner: str | None, keep_ratio: float, seed: int) -> Pruned:
+    """The pipeline's pruning step: the whole token set when no pruner is given."""
+    if pruner is None:
+        return identity(tokens)
+    return prune(pruner, tokens, keep_ratio, scores=scores, seed=seed)
