@@ -65,13 +65,14 @@ def explain(error: BaseException, path: str | Path | None = None) -> str | None:
 
 
 def check_writable(folder: Path, option: str) -> None:
-    """A UserError unless files can be written in `folder` (made if missing): its nearest existing
-    ancestor must be a folder this user may write (a read-only mount stops root too)."""
-    folder = Path(folder)
-    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    """A UserError unless files can be made in `folder` (made if missing): its nearest existing
+    ancestor must be a folder this user may write and enter (a read-only mount stops root too)."""
+    folder = Path(os.path.abspath(folder))
+    existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
     if not existing.is_dir():
-        raise UserError(f"{existing} is a file, so nothing can be written in {folder}; choose another {option}")
-    if not os.access(existing, os.W_OK):
+        kind = "a file" if existing.is_file() else "not a folder"
+        raise UserError(f"{existing} is {kind}, so nothing can be written in {folder}; choose another {option}")
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{existing} is not writable (a read-only disk or not yours); choose another {option}")
 
 

@@ -16,10 +16,11 @@ import pytest
 
 from convert import replace
 from convert.convert import convert
+from fastvlm_mlx import files
 from fastvlm_mlx.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-HAS_NATIVE = replace.NATIVE is not None
+HAS_NATIVE = files.NATIVE is not None
 
 
 @pytest.fixture(params=["native", "fallback"])
@@ -27,7 +28,7 @@ def rename_kind(request, monkeypatch):
     if request.param == "native" and not HAS_NATIVE:
         pytest.skip("no renameat2/renamex_np here")
     if request.param == "fallback":
-        monkeypatch.setattr(replace, "NATIVE", None)
+        monkeypatch.setattr(files, "NATIVE", None)
     return request.param
 
 
@@ -58,11 +59,11 @@ def test_rename_no_replace_never_replaces(rename_kind, tmp_path):
         else:
             out.symlink_to(tmp_path / "nowhere")
         with pytest.raises(FileExistsError):
-            replace.rename_no_replace(new, out)
+            files.rename_no_replace(new, out)
         assert (new / "version").read_text() == "new"
     assert (tmp_path / "dir" / "version").read_text() == "mine" and (tmp_path / "file").read_text() == "mine"
     assert (tmp_path / "empty_dir").is_dir() and (tmp_path / "dangling_link").is_symlink()
-    replace.rename_no_replace(new, tmp_path / "free")
+    files.rename_no_replace(new, tmp_path / "free")
     assert (tmp_path / "free" / "version").read_text() == "new" and not new.exists()
 
 
@@ -73,7 +74,7 @@ def test_concurrent_no_replace_renames_one_wins(rename_kind, tmp_path):
     def publish(i):
         barrier.wait()
         try:
-            replace.rename_no_replace(sources[i], out)
+            files.rename_no_replace(sources[i], out)
             results[i] = "won"
         except FileExistsError:
             results[i] = "lost"
@@ -93,7 +94,7 @@ def test_concurrent_no_replace_renames_one_wins(rename_kind, tmp_path):
 def test_exchange_swaps_atomically(tmp_path):
     a, b = folder(tmp_path / "a", "a"), tmp_path / "b"
     b.write_text("b")
-    assert replace.exchange(a, b)
+    assert files.exchange(a, b)
     assert (b / "version").read_text() == "a" and a.read_text() == "b"
 
 
@@ -185,10 +186,11 @@ CRASH = """
 import os, sys
 from pathlib import Path
 from convert import replace
+from fastvlm_mlx import files
 out, when = Path(sys.argv[1]), sys.argv[2]
 if when == "between_renames":
-    replace.NATIVE = None  # no atomic swap here: OUT is moved into the stage first
-    replace.rename_no_replace = lambda src, dst: os._exit(9)
+    files.NATIVE = None  # no atomic swap here: OUT is moved into the stage first
+    replace.rename_no_replace = lambda *args, **kwargs: os._exit(9)
 else:
     replace._remove_stage = lambda *args, **kwargs: os._exit(9)
 with replace.staged(out, force=True) as new:
@@ -292,16 +294,188 @@ def test_disk_full_while_writing_keeps_out_and_leaves_no_temp(tiny_hf, tmp_path,
 def test_unwritable_parent_is_a_clean_error(tiny_hf, tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
-    with pytest.raises(UserError, match="is not a folder"):
+    with pytest.raises(UserError, match="is a file, so nothing can be written"):
         convert(tiny_hf[0], blocker / "out")
-    real_mkdir = Path.mkdir
+    real_mkdir = os.mkdir
 
-    def read_only(self, *args, **kwargs):
-        if self.parent == tmp_path and self.name.startswith("."):
-            raise OSError(errno.EROFS, "Read-only file system", str(self))
-        return real_mkdir(self, *args, **kwargs)
+    def read_only(path, *args, dir_fd=None, **kwargs):
+        if dir_fd is not None and os.fsdecode(path).startswith("."):
+            raise OSError(errno.EROFS, "Read-only file system", os.fsdecode(path))
+        return real_mkdir(path, *args, dir_fd=dir_fd, **kwargs)
 
-    monkeypatch.setattr(Path, "mkdir", read_only)
+    monkeypatch.setattr(os, "mkdir", read_only)
     with pytest.raises(UserError, match="cannot write beside .*Read-only file system"):
         convert(tiny_hf[0], tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def dead_writer() -> dict:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return replace._identity(child.pid)
+
+
+def forged_stage(path: Path, out: Path) -> Path:
+    """A folder named and marked like a stage of a killed run for `out`, with a planted `old/<OUT>`."""
+    token = path.name.removeprefix(f".{out.name}.").removesuffix(replace.STAGE_SUFFIX)
+    path.mkdir(mode=0o700)
+    os.chmod(path, 0o700)
+    marker = dict(tool="fastvlm-mlx", target=out.name, token=token, **dead_writer())
+    (path / replace.MARKER).write_text(__import__("json").dumps(marker))
+    folder(path / replace.OLD / out.name, "planted")
+    folder(path / replace.NEW / out.name, "someone's files")
+    return path
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("kind", ["another_user", "group_readable", "symlink", "file"])
+def test_forged_stage_is_never_touched_or_published(tmp_path, kind):
+    """Only a real folder of ours (our uid, mode 0700) counts as a stage; a marker alone proves nothing."""
+    out = tmp_path / "out"
+    stage = tmp_path / f".out.{'ab' * 8}{replace.STAGE_SUFFIX}"
+    victim = forged_stage(tmp_path / "victim", out)  # another user's folder that a link points at
+    if kind == "another_user":
+        if os.getuid() != 0:
+            pytest.skip("giving a folder to another user needs root")
+        forged_stage(stage, out)
+        for path in (stage, *stage.rglob("*")):
+            os.chown(path, 65534, 65534, follow_symlinks=False)
+    elif kind == "group_readable":
+        forged_stage(stage, out)
+        os.chmod(stage, 0o755)
+    elif kind == "symlink":
+        stage.symlink_to(victim, target_is_directory=True)
+    else:
+        stage.write_text("a file")
+    before = snapshot(tmp_path)
+    replace.recover(out)
+    replace.check_output(out, force=True)
+    assert not os.path.lexists(out) and snapshot(tmp_path) == before
+
+
+def test_stage_swapped_for_a_symlink_meanwhile_is_emptied_through_its_descriptor(tmp_path, monkeypatch):
+    """The stage is opened once (O_NOFOLLOW) and emptied through that descriptor: a symlink swapped
+    in at its name after the check leads nowhere."""
+    out = tmp_path / "out"
+    victim = folder(tmp_path / "victim", "someone's files")
+    folder(victim / "new", "someone's files")
+    settle = replace._settle_old
+
+    def swap_then_settle(stage_fd, parent_fd, name, interrupted):
+        stage = next(tmp_path.glob(f"*{replace.STAGE_SUFFIX}"))
+        stage.rename(tmp_path / "moved-stage")
+        stage.symlink_to(victim, target_is_directory=True)
+        return settle(stage_fd, parent_fd, name, interrupted)
+
+    monkeypatch.setattr(replace, "_settle_old", swap_then_settle)
+    with replace.staged(out, force=False) as new:
+        folder(new, "new")
+    assert (out / "version").read_text() == "new"
+    assert (victim / "version").read_text() == "someone's files" and (victim / "new" / "version").is_file()
+    assert list((tmp_path / "moved-stage").iterdir()) == []  # ours, emptied; the link is left as found
+
+
+PLACEHOLDER_CRASH = """
+import os, sys
+from pathlib import Path
+from convert import replace
+from fastvlm_mlx import files
+out, force = Path(sys.argv[1]), sys.argv[2] == "force"
+files.NATIVE = None  # the portable no-replace rename: mkdir(OUT), then a rename onto it
+real_mkdir = os.mkdir
+
+def crash_after_placeholder(path, *args, dir_fd=None, **kwargs):
+    real_mkdir(path, *args, dir_fd=dir_fd, **kwargs)
+    if dir_fd is not None and os.fsdecode(path) == out.name:
+        os._exit(9)
+
+with replace.staged(out, force=force) as new:
+    new.mkdir()
+    (new / "version").write_text("new")
+    os.mkdir = crash_after_placeholder
+"""
+
+
+@pytest.mark.parametrize("force", ["force", "no-force"])
+def test_crash_after_the_fallbacks_placeholder_folder_loses_nothing(tmp_path, force):
+    """kill -9 between mkdir(OUT) and the rename onto it leaves an empty OUT (and, with force, the
+    real OUT in the stage): the next run removes that empty folder of ours and puts OUT back."""
+    out = tmp_path / "out"
+    if force == "force":
+        folder(out, "old")
+    assert run_python(PLACEHOLDER_CRASH, str(out), force).wait() == 9
+    assert out.is_dir() and list(out.iterdir()) == []  # the placeholder
+    if force == "force":
+        with pytest.raises(UserError, match="already exists"):
+            replace.check_output(out, force=False)
+        assert (out / "version").read_text() == "old"
+    else:
+        replace.recover(out)
+        assert not os.path.lexists(out)
+    assert hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("swap", ["fallback", "no_exchange"])
+def test_out_appearing_during_a_forced_replace_keeps_both(tmp_path, monkeypatch, swap):
+    """With no atomic swap OUT is moved aside first; if another OUT appears before the new one is
+    published, both are kept: the newcomer at OUT, the old one in the stage, named in the error."""
+    if swap == "fallback":
+        monkeypatch.setattr(files, "NATIVE", None)
+    else:
+        monkeypatch.setattr(replace, "exchange", lambda *args, **kwargs: False)
+    out = folder(tmp_path / "out", "old")
+    publish = replace.rename_no_replace
+
+    def someone_else_first(*args, **kwargs):
+        if not out.exists():
+            folder(out, "someone else's")
+        return publish(*args, **kwargs)
+
+    monkeypatch.setattr(replace, "rename_no_replace", someone_else_first)
+    with pytest.raises(UserError) as error:
+        with replace.staged(out, force=True) as new:
+            folder(new, "new")
+    message = str(error.value)
+    assert "appeared while this ran" in message and "--force" not in message
+    kept = Path(message.rsplit("kept at ", 1)[1])
+    assert (kept / "version").read_text() == "old" and (out / "version").read_text() == "someone else's"
+    monkeypatch.undo()
+
+    stage = kept.parents[1]  # as a later run finds it: its writer gone
+    marker = __import__("json").loads((stage / replace.MARKER).read_text())
+    (stage / replace.MARKER).write_text(__import__("json").dumps({**marker, **dead_writer()}))
+    with pytest.warns(UserWarning, match="you had is at"):
+        replace.recover(out)
+    assert (kept / "version").read_text() == "old"
+    (out / "version").unlink()
+    out.rmdir()
+    replace.recover(out)  # OUT is free again: the old one goes back
+    assert (out / "version").read_text() == "old" and hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["out", "src"])
+def test_symlink_loop_is_a_clean_error(tiny_hf, tmp_path, where):
+    from tests.test_cli import assert_clean_error, run_cli
+
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    src, out = (tiny_hf[0], loop) if where == "out" else (loop, tmp_path / "out")
+    with pytest.raises(UserError, match="symbolic-link loop|not found"):
+        convert(src, out, force=True)
+    with pytest.raises(UserError, match="symbolic-link loop"):
+        replace.check_apart(src, out)
+    assert_clean_error(run_cli("convert", str(src), str(out), "--force"), str(loop))
+    assert loop.is_symlink() and not (tmp_path / "out").exists()
+
+
+def test_symlink_loop_for_export_coreml_is_a_clean_error(tiny_hf, tmp_path):
+    pytest.importorskip("coremltools")
+    from convert.coreml import export_coreml
+
+    loop = tmp_path / "loop.mlpackage"
+    loop.symlink_to(loop)
+    with pytest.raises(UserError, match="symbolic-link loop"):
+        export_coreml(tiny_hf[0], loop, force=True)
