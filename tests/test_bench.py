@@ -128,3 +128,18 @@ def test_bench_bad_input_is_a_clean_error(tiny_mlx, image_path, tmp_path):
     assert_clean_error(run_cli(*base, "--frameworks", "mlx", "--keep-ratios", "2"), "(0, 1]")
     # without --model the embedded model is benchmarked; a missing image is still named
     assert_clean_error(run_cli("bench", "--image", str(tmp_path / "missing.png")), "image not found")
+
+
+def test_chat_bench_runs_on_the_tiny_model(tiny_mlx, tmp_path):
+    from bench.chat import main as chat_bench
+
+    args = ["--model", str(tiny_mlx), "--image-size", "128", "--runs", "1", "--max-tokens", "2", "--out", str(tmp_path)]
+    result = CliRunner().invoke(chat_bench, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(next(tmp_path.glob("chat-*.json")).read_text())
+    summary, run = data["summary"], data["runs"][0]
+    assert summary["new_conversation_skipped_vision"]
+    assert run["new_conversation"]["timings"]["vision_s"] == 0 and run["first"]["timings"]["vision_s"] > 0
+    follow_up = run["follow_up_1"]
+    assert follow_up["prefilled_tokens"] <= follow_up["prompt_tokens"] - run["first"]["prompt_tokens"]  # not turn 1
+    assert set(summary["ttft_s_median"]) == {"first", "follow_up_1", "follow_up_2", "new_conversation"}

@@ -1,0 +1,121 @@
+"""Chat TTFT on a real FastVLM size with random weights: first turn, follow-ups, a new conversation.
+
+    python -m bench.chat --synthetic 0.5b --runs 3 [--out bench-results]   (or --model DIR)
+
+Each run takes a fresh image (so its first turn misses the vision cache) and times the TTFT (image
+in -> first token, every stage, as generate reports it) of: the first turn of a chat, two follow-up
+questions (they prefill only their own tokens), and a new conversation about the same image (its
+vision stage comes from the cache). One warm-up chat on another image comes first. Goal: a
+follow-up's TTFT at most 5% of the first turn's, and no vision stage in the new conversation.
+Writes chat-<size>.json (never over an earlier file).
+"""
+
+import fastvlm_mlx  # noqa: F401, I001  first: preloads the BLAS before anything imports mlx
+
+import json
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+import numpy as np
+from PIL import Image
+
+from bench.reference import SYNTHETIC_PROMPT, synthetic_checkpoint
+from bench.sweep import environment
+from fastvlm_mlx.chat import ChatSession
+from fastvlm_mlx.features import VisionCache
+from fastvlm_mlx.load import load_model
+
+FOLLOW_UPS = ("What colour is the largest object?", "Is there any text in the picture?")
+GOAL_RATIO = 0.05
+
+
+def noise(seed: int, size: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def run_once(model, tokenizer, image: Image.Image, cache: VisionCache, max_tokens: int) -> dict:
+    """One run: first turn, follow-ups, then a new conversation about the same image."""
+    turns = {}
+    session = ChatSession(model, tokenizer, image, vision_cache=cache)
+    questions = [("first", SYNTHETIC_PROMPT), *((f"follow_up_{i + 1}", q) for i, q in enumerate(FOLLOW_UPS))]
+    for name, question in questions:
+        turns[name] = measure(session, question, max_tokens)
+    hits = cache.hits
+    again = ChatSession(model, tokenizer, image, vision_cache=cache)
+    turns["new_conversation"] = measure(again, SYNTHETIC_PROMPT, max_tokens)
+    turns["new_conversation"]["vision_cache_hit"] = cache.hits == hits + 1
+    return turns
+
+
+def measure(session: ChatSession, question: str, max_tokens: int) -> dict:
+    """One turn's TTFT (image in -> first token, every stage) and how many positions it prefilled."""
+    held = len(session.cached)
+    result = session.ask(question, max_tokens=max_tokens)
+    return {
+        "ttft_s": result.timings.ttft_s,
+        "timings": asdict(result.timings),
+        "prompt_tokens": result.prompt_tokens,
+        "prefilled_tokens": result.prompt_tokens - min(held, result.prompt_tokens - 1),
+        "answer_tokens": len(result.token_ids),
+    }
+
+
+@click.command()
+@click.option("--synthetic", "size", default="0.5b", show_default=True, type=click.Choice(["0.5b", "1.5b", "7b"]))
+@click.option("--model", "model_dir", type=click.Path(exists=True), help="A converted model instead of --synthetic.")
+@click.option("--image-size", default=1024, show_default=True, type=int)
+@click.option("--runs", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-tokens", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--out", "out_dir", default="bench-results", show_default=True, type=click.Path())
+def main(size, model_dir, image_size, runs, max_tokens, out_dir) -> None:
+    """Time a chat's first turn, its follow-ups and a new conversation on the same image."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if model_dir is None:
+        model_dir = synthetic_checkpoint(size, out_dir)[1]
+    else:
+        size = Path(model_dir).name
+    model, tokenizer = load_model(model_dir)
+    cache = VisionCache()
+    run_once(model, tokenizer, noise(1000, image_size), cache, max_tokens)  # warm-up, another image
+    records = [run_once(model, tokenizer, noise(seed, image_size), cache, max_tokens) for seed in range(runs)]
+    summary = summarize(records)
+    path = free_path(out_dir, f"chat-{size}")
+    results = dict(
+        config=dict(model=str(model_dir), image_size=image_size, runs=runs, max_tokens=max_tokens),
+        environment=environment(None),
+        summary=summary,
+        runs=records,
+    )
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    click.echo(json.dumps(summary, indent=2))
+    click.echo(f"wrote {path}", err=True)
+
+
+def summarize(records: list[dict]) -> dict:
+    median = {name: statistics.median(r[name]["ttft_s"] for r in records) for name in records[0]}
+    follow_ups = [name for name in median if name.startswith("follow_up")]
+    ratio = max(median[name] for name in follow_ups) / median["first"]
+    return {
+        "ttft_s_median": median,
+        "follow_up_over_first": ratio,
+        "follow_up_goal": GOAL_RATIO,
+        "follow_up_goal_met": ratio <= GOAL_RATIO,
+        "new_conversation_over_first": median["new_conversation"] / median["first"],
+        "new_conversation_skipped_vision": all(r["new_conversation"]["vision_cache_hit"] for r in records),
+        "prefilled_tokens": {name: records[0][name]["prefilled_tokens"] for name in records[0]},
+    }
+
+
+def free_path(out_dir: Path, stem: str) -> Path:
+    path, n = out_dir / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = out_dir / f"{stem}-{n}.json"
+    return path
+
+
+if __name__ == "__main__":
+    main()
