@@ -16,16 +16,16 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from convert import keymap, mlx_vlm, replace
-from convert.source import check_vocabulary, read_json, read_weights, tokenizer_length, weight_files
+from convert.source import SOURCE_FIX, check_vocabulary, read_weights, tokenizer_length, weight_files
 from fastvlm_mlx.config import FastVLMConfig, VisionConfig, check_image_size
 from fastvlm_mlx.errors import UserError
-from fastvlm_mlx.load import WEIGHTS_FILE, check_weights
+from fastvlm_mlx.load import WEIGHTS_FILE, check_fields, check_values, check_weights, read_json
 from fastvlm_mlx.model import FastVLM
 from fastvlm_mlx.quantize import BITS, GROUP_SIZES, quantize_model
 from pruners import check
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-TOKENIZER_FILES = (
+COPIED_FILES = (  # the tokenizer's and generation settings, beside the weights
     "tokenizer.json",
     "tokenizer_config.json",
     "vocab.json",
@@ -63,7 +63,7 @@ DEFAULT_IMAGE_SIZE = 1024  # FastVLM's published resolution
 def read_config(src: Path) -> dict:
     if not (src / "config.json").is_file():
         raise UserError(f"{src} has no config.json; pass a FastVLM checkpoint directory")
-    return read_json(src / "config.json")
+    return read_json(src / "config.json", SOURCE_FIX)
 
 
 def vision_config(architecture: str, model_args: dict) -> VisionConfig:
@@ -73,7 +73,9 @@ def vision_config(architecture: str, model_args: dict) -> VisionConfig:
         raise UserError(
             "train-form (non-reparameterized) vision weights are not supported; export with inference_mode=True"
         )
-    return VisionConfig.from_dict({**VISION_PRESETS[architecture], **model_args})
+    values = {**VISION_PRESETS[architecture], **model_args}
+    check_fields(VisionConfig, values, Path("config.json"), "vision_config.model_args.")
+    return VisionConfig.from_dict(values)
 
 
 def text_config(text: dict, vocab_size: int, tied: bool) -> dict:
@@ -104,7 +106,7 @@ def eos_ids(src: Path, raw: dict, text: dict) -> tuple[int, ...]:
     ids = [raw.get("eos_token_id"), text.get("eos_token_id")]
     gen = src / "generation_config.json"
     if gen.is_file():
-        ids.append(read_json(gen).get("eos_token_id"))
+        ids.append(read_json(gen, SOURCE_FIX).get("eos_token_id"))
     flat = [i for x in ids for i in (x if isinstance(x, list) else [x]) if isinstance(i, int) and i >= 0]
     return tuple(dict.fromkeys(flat))
 
@@ -302,7 +304,7 @@ def processor_size(src: Path) -> int | None:
     path = src / "preprocessor_config.json"
     if not path.is_file():
         return None
-    processor = read_json(path)
+    processor = read_json(path, SOURCE_FIX)
     crop, resize = processor.get("crop_size"), processor.get("size")
     sides = {crop.get("height"), crop.get("width")} if isinstance(crop, dict) else {crop}
     sides.add(resize.get("shortest_edge") if isinstance(resize, dict) else resize)
@@ -345,6 +347,7 @@ def build(src: Path, dtype: str) -> tuple[FastVLMConfig, dict[str, mx.array]]:
     text = text_config(text, vocab, tied)
     eos = eos or (151645,)
     config = FastVLMConfig(vision=vision, text=text, eos_token_ids=eos, quantization=quantization, **fields)
+    check_values(config, src / "config.json", "fix it in the checkpoint's config.json")
     model = FastVLM(config)
     if quantization:
         quantize_model(model, quantization)
@@ -409,6 +412,6 @@ def write_model(folder: Path, out: Path, config: FastVLMConfig, weights: dict[st
     except RuntimeError as error:
         raise UserError(f"cannot write {out / WEIGHTS_FILE} ({error}); check the free space and permissions") from None
     (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    for name in TOKENIZER_FILES:
+    for name in COPIED_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, folder / name)

@@ -5,7 +5,6 @@ shards, or a complete shard set; safetensors before `.bin`), so `training_args.b
 states and stray copies beside them are never read. Every bad file is a UserError naming it.
 """
 
-import json
 import pickle
 import re
 from pathlib import Path
@@ -13,27 +12,15 @@ from pathlib import Path
 import mlx.core as mx
 
 from fastvlm_mlx.errors import UserError
-from fastvlm_mlx.load import read_tokenizer
+from fastvlm_mlx.load import read_json, read_tokenizer
 
 # (single file, index, shard names) in the order transformers looks for them.
 WEIGHT_SOURCES = (
     ("model.safetensors", "model.safetensors.index.json", r"model-(\d{5})-of-(\d{5})\.safetensors"),
     ("pytorch_model.bin", "pytorch_model.bin.index.json", r"pytorch_model-(\d{5})-of-(\d{5})\.bin"),
 )
+SOURCE_FIX = "restore it from the checkpoint's source"  # for config files that are not JSON objects
 TOKENIZER_FIX = "copy the checkpoint's tokenizer files (tokenizer.json, or vocab.json + merges.txt) next to it"
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`; a missing, unreadable or malformed file is a UserError naming it."""
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as error:
-        raise UserError(f"cannot read {path}: {error.strerror}") from None
-    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
-        raise UserError(f"{path} is not valid JSON ({error}); restore it from the checkpoint's source") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; restore it from the source")
-    return data
 
 
 def weight_files(src: Path) -> list[Path]:
@@ -53,7 +40,7 @@ def weight_files(src: Path) -> list[Path]:
 
 
 def _indexed_files(index: Path) -> list[Path]:
-    weight_map = read_json(index).get("weight_map")
+    weight_map = read_json(index, SOURCE_FIX).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
         raise UserError(f"{index} has no weight_map of tensor name -> file; re-download it")
     names = sorted(set(weight_map.values()))

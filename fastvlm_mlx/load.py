@@ -1,6 +1,7 @@
 """Load a converted MLX model directory (config.json, model.safetensors, tokenizer files)."""
 
 import json
+import math
 import os
 import struct
 from dataclasses import MISSING, fields, is_dataclass
@@ -23,7 +24,7 @@ from fastvlm_mlx.quantize import BITS, GROUP_SIZES, quantize_model
 
 WEIGHTS_FILE = "model.safetensors"
 STAGE_FIELDS = ("layers", "embed_dims", "mlp_ratios", "token_mixers", "downsamples", "pos_embs")
-TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))  # any one set
+VOCABULARY_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))  # any one will do
 RECONVERT = "re-run `fastvlm-mlx convert` to write it again"
 # The small easy-VQA model that ships with the package (bench/train_easyvqa.py makes it):
 # mlx/ is the converted model, hf/ the transformers checkpoint it came from.
@@ -38,10 +39,14 @@ def embedded_model(part: str = "mlx") -> Path:
     return path
 
 
-def read_json(path: Path):
-    """The parsed JSON file; unreadable or malformed files are UserErrors that name it."""
+def read_json(path: Path, object_fix: str | None = None):
+    """The parsed JSON file; unreadable or malformed files are UserErrors that name it. With
+    `object_fix`, a file that holds anything but a JSON object is one too, ending in that fix."""
     with naming(path):
-        return json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    if object_fix is not None and not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; {object_fix}")
+    return data
 
 
 def read_config(model_dir: str | Path) -> FastVLMConfig:
@@ -50,9 +55,7 @@ def read_config(model_dir: str | Path) -> FastVLMConfig:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise UserError(f"{model_dir} has no config.json; pass a directory made by `fastvlm-mlx convert SRC OUT`")
-    config = read_json(config_path)
-    if not isinstance(config, dict):
-        raise UserError(f"{config_path} holds a JSON {type(config).__name__}, not an object; {RECONVERT}")
+    config = read_json(config_path, RECONVERT)
     model_type = config.get("model_type")
     if model_type != "fastvlm_mlx":
         raise UserError(
@@ -63,7 +66,7 @@ def read_config(model_dir: str | Path) -> FastVLMConfig:
     check_fields(VisionConfig, config.get("vision", {}), config_path, "vision.")
     check_fields(qwen2.ModelArgs, config.get("text", {}), config_path, "text.")
     config = FastVLMConfig.from_dict(config)
-    _check_values(config, config_path)
+    check_values(config, config_path)
     return config
 
 
@@ -85,13 +88,16 @@ def check_fields(cls, values: dict[str, Any], where: Path, prefix: str = "") -> 
             )
 
 
-def _check_values(config: FastVLMConfig, where: Path) -> None:
-    """What the types allow but the model cannot run: mismatched stage lists, unknown modes, sizes."""
+def check_values(config: FastVLMConfig, where: Path, fix: str = RECONVERT) -> None:
+    """What the types allow but the model cannot run: mismatched stage lists, unknown modes, sizes
+    that are not positive or do not divide (heads, head_dim, groups). `fix` ends each message."""
     vision = config.vision
     stages = {name: len(getattr(vision, name)) for name in STAGE_FIELDS}
     if len(set(stages.values())) != 1:
         shown = ", ".join(f"{name} {n}" for name, n in stages.items())
-        raise UserError(f"{where}: the vision stage lists differ in length ({shown}); re-run `fastvlm-mlx convert`")
+        raise UserError(f"{where}: the vision stage lists differ in length ({shown}); {fix}")
+    _check_sizes(config, where, fix)
+    _check_divisions(config, where, fix)
     for name, value, allowed in (
         ("preprocess_mode", (config.preprocess_mode,), MODES),
         ("vision.token_mixers", vision.token_mixers, ("repmixer", "attention")),
@@ -114,6 +120,60 @@ def _check_values(config: FastVLMConfig, where: Path) -> None:
         check_image_size(config.image_size, vision.stride)
     except UserError as error:
         raise UserError(f"{where}: field image_size: {error}") from None
+
+
+def _size_fields(cls) -> list[str]:
+    """The fields of dataclass `cls` that hold sizes: every int, float or tuple of them."""
+    hints = get_type_hints(cls)
+    return [f.name for f in fields(cls) if hints[f.name] in (int, float, tuple[int, ...], tuple[float, ...])]
+
+
+def _check_sizes(config: FastVLMConfig, where: Path, fix: str) -> None:
+    """Every size of the vision tower and the LLM, and max_context, is a positive finite number."""
+    sections = (("vision.", VisionConfig, vars(config.vision)), ("text.", qwen2.ModelArgs, config.text))
+    sizes = [("max_context", config.max_context)]
+    for prefix, cls, values in sections:
+        for name in _size_fields(cls):
+            value = values.get(name)
+            items = enumerate(value) if isinstance(value, tuple | list) else [(None, value)]
+            sizes += [(f"{prefix}{name}" + ("" if i is None else f"[{i}]"), item) for i, item in items]
+    for name, value in sizes:
+        if value is not None and not 0 < value < math.inf:
+            raise UserError(f"{where}: field {name} is {value}; expected a positive number; {fix}")
+
+
+def _check_divisions(config: FastVLMConfig, where: Path, fix: str) -> None:
+    """Sizes that must divide: attention heads, grouped convolutions, hidden units that round to none."""
+    vision, text = config.vision, config.text
+    checks = [
+        (f"vision.embed_dims[{i}] {dim} is not a multiple of vision.head_dim {vision.head_dim}", dim % vision.head_dim)
+        for i, (dim, mixer) in enumerate(zip(vision.embed_dims, vision.token_mixers, strict=True))
+        if mixer == "attention"
+    ]
+    checks += [
+        (f"vision.mlp_ratios[{i}] {ratio} leaves embed_dims[{i}] {dim} no hidden units", int(dim * ratio) < 1)
+        for i, (dim, ratio) in enumerate(zip(vision.embed_dims, vision.mlp_ratios, strict=True))
+    ]
+    last, features = vision.embed_dims[-1], vision.num_features
+    heads, kv_heads = text.get("num_attention_heads", 1), text.get("num_key_value_heads", 1)
+    checks += [
+        (f"vision.cls_ratio {vision.cls_ratio} makes {features} features, not a multiple of {last}", features % last),
+        (
+            f"vision.se_ratio {vision.se_ratio} leaves the squeeze-excite layer no units",
+            int(features * vision.se_ratio) < 1,
+        ),
+        (
+            f"text.hidden_size {text.get('hidden_size')} is not a multiple of text.num_attention_heads {heads}",
+            text.get("hidden_size", 0) % heads,
+        ),
+        (
+            f"text.num_attention_heads {heads} is not a multiple of text.num_key_value_heads {kv_heads}",
+            heads % kv_heads,
+        ),
+    ]
+    for message, wrong in checks:
+        if wrong:
+            raise UserError(f"{where}: field {message}; {fix}")
 
 
 def _has_type(value, annotation) -> bool:
@@ -228,7 +288,7 @@ def read_tokenizer(model_dir: Path, eos_token_ids: list[int] | None = None) -> T
     from transformers.utils import logging
 
     model_dir = Path(model_dir)
-    if not any(all((model_dir / name).is_file() for name in names) for names in TOKENIZER_FILES):
+    if not any(all((model_dir / name).is_file() for name in names) for names in VOCABULARY_FILE_SETS):
         raise UserError(f"{model_dir} has no tokenizer (tokenizer.json); {RECONVERT}")
     previous = logging.get_verbosity()
     logging.set_verbosity_error()

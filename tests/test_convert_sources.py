@@ -149,6 +149,32 @@ def test_wrongly_typed_llm_field_is_a_user_error(tiny_hf, tmp_path):
         convert(src, tmp_path / "out")
 
 
+@pytest.mark.parametrize(
+    "section, change, words",
+    [
+        ("vision", dict(head_dim=0), "field vision.head_dim is 0"),
+        ("vision", dict(embed_dims=[8, 16, 32, 64, 0]), r"field vision.embed_dims\[4\] is 0"),
+        ("vision", dict(layers=[1, -1, 1, 1, 1]), r"field vision.layers\[1\] is -1"),
+        ("vision", dict(mlp_ratios=[0.0] * 5), r"field vision.mlp_ratios\[0\] is 0"),
+        ("vision", dict(head_dim=48), r"embed_dims\[3\] 64 is not a multiple of vision.head_dim 48"),
+        ("vision", dict(head_dim="32"), "field vision_config.model_args.head_dim is"),
+        ("text", dict(num_key_value_heads=3), "num_attention_heads 4 is not a multiple of text.num_key_value_heads 3"),
+        ("text", dict(hidden_size=66), "hidden_size 66 is not a multiple of text.num_attention_heads 4"),
+    ],
+)
+def test_sizes_the_model_cannot_be_built_with(tiny_hf, tmp_path, section, change, words):
+    """Zero, negative and non-dividing sizes are one-line errors naming the field, not a
+    ZeroDivisionError while building the model or a model built wrong."""
+    src = copy_checkpoint(tiny_hf[0], tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    part = config["vision_config"]["model_args"] if section == "vision" else config["text_config"]
+    part.update(change)
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=words):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def special_tokens_only(src: Path) -> None:
     """A tokenizer.json that loads but holds only the three chat tokens (an incomplete copy)."""
     from tokenizers import Tokenizer, models

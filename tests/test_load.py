@@ -2,6 +2,7 @@
 
 import errno
 import json
+import re
 import shutil
 import struct
 from dataclasses import fields
@@ -66,6 +67,73 @@ def test_config_values_the_model_cannot_run(model_dir, change, words):
     edit_config(model_dir, change)
     with pytest.raises(UserError, match=words):
         read_config(model_dir)
+
+
+def size_fields():
+    """(section, field, index) for every int or float size of the vision tower and the LLM."""
+    from mlx_lm.models import qwen2
+
+    from fastvlm_mlx.load import _size_fields
+
+    config = json.loads((embedded_model() / "config.json").read_text())
+    cases = [("vision", name, i) for name in _size_fields(VisionConfig) for i in (0, -1)]
+    cases = [c for c in cases if isinstance(config["vision"][c[1]], list) or c[2] == 0]
+    cases += [("text", name, None) for name in _size_fields(qwen2.ModelArgs) if name in config["text"]]
+    return cases + [(None, "max_context", None)]
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf")])
+@pytest.mark.parametrize("section, name, index", size_fields(), ids=lambda x: str(x))
+def test_every_size_that_is_not_positive_is_named(model_dir, section, name, index, value):
+    """Zero, negative or non-finite sizes (JSON as Python writes it allows NaN and Infinity) are
+    one-line errors before the model is built, never a ZeroDivisionError or a silent build."""
+
+    shown = re.escape((f"{section}." if section else "") + name)
+
+    def change(config):
+        nonlocal shown
+        values = config[section] if section else config
+        if isinstance(values.get(name), list):
+            values[name][index] = value
+            shown += rf"(\[{index % len(values[name])}\])?"  # without the index: inf in a list[int]
+        else:
+            values[name] = value
+
+    edit_config(model_dir, change)
+    with pytest.raises(UserError, match=rf"config\.json: field {shown} is "):
+        load_model(model_dir)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (
+            lambda c: c["vision"].update(head_dim=48),
+            r"vision\.embed_dims\[3\] 128 is not a multiple of vision\.head_dim 48",
+        ),
+        (
+            lambda c: c["vision"].update(mlp_ratios=[4.0, 4.0, 0.001, 4.0, 4.0]),
+            r"vision\.mlp_ratios\[2\] .* no hidden units",
+        ),
+        (
+            lambda c: c["vision"].update(cls_ratio=1.5),
+            r"vision\.cls_ratio 1\.5 makes 192 features, not a multiple of 128",
+        ),
+        (lambda c: c["vision"].update(se_ratio=0.001), r"vision\.se_ratio"),
+        (
+            lambda c: c["text"].update(num_key_value_heads=3),
+            r"num_attention_heads \d+ is not a multiple of text\.num_key_value_heads 3",
+        ),
+        (
+            lambda c: c["text"].update(hidden_size=c["text"]["hidden_size"] + 1),
+            r"text\.hidden_size \d+ is not a multiple",
+        ),
+    ],
+)
+def test_sizes_that_do_not_divide(model_dir, change, words):
+    edit_config(model_dir, change)
+    with pytest.raises(UserError, match=words):
+        load_model(model_dir)
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", '"a string"', "", "\xff"])
