@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from convert import replace
-from convert.convert import source_image_size
+from convert.convert import read_config, source_image_size, source_vision
 from convert.torch_model import attention_received, last_attention, load_reference
 from fastvlm_mlx.config import check_image_size
 from fastvlm_mlx.errors import UserError
@@ -66,7 +66,7 @@ def export_encoder(
 ) -> tuple[torch.export.ExportedProgram, int, int]:
     """The encoder graph as torch.export captures it (what Core ML converts), its input size and K."""
     reference = load_reference(src, torch.device("cpu"), "float32")
-    stride = 4 * 2 ** (len(reference.model.vision_tower.timm_model.stages) - 1)
+    stride = source_vision(read_config(src)).stride
     size = check_image_size(image_size, stride) if image_size is not None else source_image_size(src)
     tokens = (size // stride) ** 2
     keep = keep_count(tokens, keep_ratio) if pruner else tokens
