@@ -2,22 +2,42 @@
 
 import csv
 import json
+import os
 from pathlib import Path
+
+from fastvlm_mlx.files import open_new
 
 STAGE_COLUMNS = ("preprocess_s", "vision_s", "prune_s", "prefill_s")
 QUALITY_COLUMNS = ("accuracy", "exact_match", "token_agreement", "top1_agreement", "kl_first_token")
 
 
-def write_results(results: dict, out_dir: Path, name: str) -> tuple[Path, Path]:
+def write_results(results: dict, out_dir: Path, stem: str) -> tuple[Path, Path]:
+    """Write `stem.json` and `stem.csv`, or `stem-2.*`, `stem-3.*`... : each file is created new
+    (O_EXCL), so an earlier run's results, even ones written a moment ago, are never overwritten."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, csv_path = out_dir / f"{name}.json", out_dir / f"{name}.csv"
-    json_path.write_text(json.dumps(results, indent=1))
     rows = [flatten(row) for row in results["summary"]]
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return json_path, csv_path
+    n = 0
+    while True:
+        n += 1
+        name = stem if n == 1 else f"{stem}-{n}"
+        json_path, csv_path = out_dir / f"{name}.json", out_dir / f"{name}.csv"
+        try:
+            json_fd = open_new(json_path)
+        except FileExistsError:
+            continue
+        try:
+            csv_fd = open_new(csv_path)
+        except FileExistsError:
+            os.close(json_fd)
+            json_path.unlink()
+            continue
+        with os.fdopen(json_fd, "w") as f:
+            f.write(json.dumps(results, indent=1))
+        with os.fdopen(csv_fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        return json_path, csv_path
 
 
 def flatten(row: dict) -> dict:

@@ -121,6 +121,7 @@ def _check_inputs(model_dir, image: str, pruner: str | None, keep_ratio: float |
 def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     """The question from --prompt TEXT, --prompt - (stdin) or --prompt-file PATH; trailing newlines dropped."""
     from fastvlm_mlx.errors import naming
+    from fastvlm_mlx.files import read_bounded
     from fastvlm_mlx.prompt import check_text
 
     if (prompt is None) == (prompt_file is None):
@@ -129,7 +130,7 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
         check_text(prompt, "--prompt")
         return prompt
     with naming("stdin" if prompt_file is None else prompt_file):
-        data = sys.stdin.buffer.read() if prompt_file is None else Path(prompt_file).read_bytes()
+        data = read_bounded(sys.stdin.buffer if prompt_file is None else prompt_file, name=prompt_file or "stdin")
         return data.decode("utf-8").rstrip("\r\n")
 
 
@@ -379,22 +380,13 @@ def bench(ctx, model_dir, reference, synthetic, images, prompts, prompt_files, d
         workdir=out_dir,
         **rest,
     )
-    name = _free_name(out_dir, f"bench-{synthetic or (Path(model_dir).name if model_dir else 'easyvqa')}")
+    stem = f"bench-{synthetic or (Path(model_dir).name if model_dir else 'easyvqa')}"
     with naming(out_dir):  # a disk that fills up while writing
-        json_path, csv_path = write_results(results, out_dir, name)
-        plots = draw_plots(results, out_dir, name)
+        json_path, csv_path = write_results(results, out_dir, stem)  # stem, stem-2...: never an earlier run's
+        plots = draw_plots(results, out_dir, json_path.stem)
     click.echo(format_table(results["summary"]))
     for path in (json_path, csv_path, *plots):
         click.echo(f"wrote {path}")
-
-
-def _free_name(out_dir, stem: str) -> str:
-    """`stem`, or `stem-2`, `stem-3`... so earlier results are never overwritten."""
-    name, n = stem, 1
-    while (out_dir / f"{name}.json").exists():
-        n += 1
-        name = f"{stem}-{n}"
-    return name
 
 
 @bench.command("plot")
