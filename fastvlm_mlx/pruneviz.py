@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 from fastvlm_mlx.config import check_image_size
 from fastvlm_mlx.errors import UserError, check_writable, naming
 from fastvlm_mlx.features import resolve_pruning
+from fastvlm_mlx.files import create_new, rename_no_replace
 from fastvlm_mlx.generate import check_seed
 from fastvlm_mlx.model import FastVLM
 from fastvlm_mlx.preprocess import load_image, preprocess
@@ -78,21 +79,39 @@ def draw_pruning(
     title = f"{pruner} keep_ratio={keep_ratio}: {k}/{N} tokens"
     picture = render(pixels[0], np.array(kept.sources[0]), np.array(kept.indices[0]), title)
     with naming(output):
-        output.parent.mkdir(parents=True, exist_ok=True)
-        partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
-        try:  # written beside it, then renamed: a failed write leaves the old file as it was
-            picture.save(partial, format="PNG")
-            partial.replace(output)
-        finally:
-            partial.unlink(missing_ok=True)
+        save_png(picture, output, force)
     return output
 
 
+def save_png(picture: Image.Image, output: Path, force: bool) -> None:
+    """Write beside `output` in a new file of a random name (O_EXCL|O_NOFOLLOW: a link planted there
+    is never written through), then rename it into place: without `force` by a no-replace rename, so
+    a file that appeared at `output` meanwhile is kept; a failed write leaves `output` as it was."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = create_new(output.parent, f".{output.name}.", ".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            picture.save(f, format="PNG")
+        if force:
+            partial.replace(output)  # a symlink at `output` is replaced, not followed
+        else:
+            try:
+                rename_no_replace(partial, output)
+            except FileExistsError:
+                raise UserError(
+                    f"{output} appeared while this ran and was left as it is; pass --force to replace it "
+                    "or choose another -o path"
+                ) from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def check_output_file(output: Path, force: bool) -> Path:
-    """`output` if a PNG can be written there: not a folder, not existing unless `force`, a writable folder."""
+    """`output` if a PNG can be written there: not a folder, not existing (even as a dangling link)
+    unless `force`, a writable folder."""
     if output.is_dir():
         raise UserError(f"{output} is a folder; give -o a file path, e.g. {output / 'pruning.png'}")
-    if output.exists() and not force:
+    if os.path.lexists(output) and not force:
         raise UserError(f"{output} already exists; pass --force to replace it or choose another -o path")
     check_writable(output.parent, "-o path")
     return output
