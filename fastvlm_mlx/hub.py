@@ -20,6 +20,7 @@ import json
 import os
 import re
 import stat
+import tempfile
 from pathlib import Path
 
 from fastvlm_mlx import __version__
@@ -119,9 +120,10 @@ def file_digest(path: Path, cache: Path) -> str:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
     memo.parent.mkdir(mode=0o700, exist_ok=True)
-    partial = memo.with_suffix(f".{os.getpid()}")
-    partial.write_text(digest.hexdigest())
-    partial.replace(memo)
+    fd, partial = tempfile.mkstemp(dir=memo.parent)  # a name of its own: others may write the same memo
+    with os.fdopen(fd, "w") as f:
+        f.write(digest.hexdigest())
+    os.replace(partial, memo)
     return digest.hexdigest()
 
 
