@@ -45,6 +45,14 @@ def image_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shipped_mlx() -> Path:
+    """The converted easy-VQA model that ships with the package: a real model, no torch needed."""
+    from fastvlm_mlx.load import embedded_model
+
+    return embedded_model()
+
+
+@pytest.fixture(scope="session")
 def tiny_hf(torch_ref, tmp_path_factory):
     """(directory, reference model) for a tiny transformers-format FastVLM."""
     directory = tmp_path_factory.mktemp("tiny_hf")

@@ -1,6 +1,9 @@
 """Every command against a corrupt model, a corrupt image and an unwritable output: a non-zero exit,
 one line starting with "Error", no traceback, nothing of the user's overwritten.
 
+The commands that read a converted model run on (damaged copies of) the shipped one, without
+torch; convert and export-coreml on the tiny checkpoint that torch builds (skipped without it).
+
 Each case is a fresh CLI process; they run two at a time. Root ignores file permissions, so
 "unwritable" is a parent that is a file, an output that is a folder, and (where `unshare` may
 make a private mount namespace) a read-only or full tmpfs.
@@ -16,8 +19,6 @@ from pathlib import Path
 import pytest
 
 from tests.test_cli import assert_clean_error
-
-pytest.importorskip("torch")
 
 CLI = [sys.executable, "-m", "fastvlm_mlx.cli"]
 
@@ -109,23 +110,26 @@ def damaged_copy(source: Path, root: Path, damage: str) -> Path:
     return copy
 
 
-def test_every_command_with_a_corrupt_model(tiny_mlx, tiny_hf, image_path, tmp_path):
+@pytest.fixture(params=["model", "source"])
+def commands(request):
+    """(commands, the folder they read): a converted model, or a checkpoint (which needs torch to build)."""
+    if request.param == "model":
+        return MODEL_COMMANDS, request.getfixturevalue("shipped_mlx")
+    return SOURCE_COMMANDS, request.getfixturevalue("tiny_hf")[0]
+
+
+def test_every_command_with_a_corrupt_model(commands, image_path, tmp_path):
     cases = []
+    named, folder = commands
     for damage in DAMAGES:
-        model = damaged_copy(tiny_mlx, tmp_path / "mlx", damage)
-        source = damaged_copy(tiny_hf[0], tmp_path / "hf", damage)
+        model = damaged_copy(folder, tmp_path / "in", damage)
         words = {"truncated-weights": ("safetensors",), "no-tokenizer": ("tokenizer",)}.get(damage, ())
         words = {"garbage-config": ("config.json",), "typed-config": ("hidden_size",)}.get(damage, words)
-        for name, command in MODEL_COMMANDS.items():
-            if name == "info" and damage == "no-tokenizer":
-                continue  # info reads no tokenizer
+        for name, command in named.items():
+            if name in ("info", "export-coreml") and damage == "no-tokenizer":
+                continue  # info and the vision encoder read no tokenizer
             out = tmp_path / "out" / damage / OUTPUTS.get(name, "x")
             cases.append((f"{name} / {damage}", CLI + command(str(model), str(image_path), str(out)), words))
-        for name, command in SOURCE_COMMANDS.items():
-            if name == "export-coreml" and damage == "no-tokenizer":
-                continue  # the vision encoder needs no tokenizer
-            out = tmp_path / "out" / damage / OUTPUTS[name]
-            cases.append((f"{name} / {damage}", CLI + command(str(source), str(image_path), str(out)), words))
     check_all(cases)
     assert not (tmp_path / "out").exists() or not any(p.is_file() for p in (tmp_path / "out").rglob("*"))
 
@@ -145,14 +149,15 @@ def bomb(path: Path) -> Path:
     return path
 
 
-def test_every_command_with_a_corrupt_image(tiny_mlx, image_path, tmp_path):
+def test_every_command_with_a_corrupt_image(shipped_mlx, image_path, tmp_path):
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(image_path.read_bytes()[:300])
     text = tmp_path / "text.png"
     text.write_text("not an image")
     images = {"truncated": truncated, "text": text, "bomb": bomb(tmp_path / "bomb.png")}
+    model = str(shipped_mlx)
     cases = [  # a truncated image for every command, the other kinds of damage for one
-        (f"{name} / {kind}", CLI + MODEL_COMMANDS[name](str(tiny_mlx), str(image), str(tmp_path / kind)), (image.name,))
+        (f"{name} / {kind}", CLI + MODEL_COMMANDS[name](model, str(image), str(tmp_path / kind)), (image.name,))
         for name in IMAGE_COMMANDS
         for kind, image in images.items()
         if kind == "truncated" or name == "generate"
@@ -161,20 +166,25 @@ def test_every_command_with_a_corrupt_image(tiny_mlx, image_path, tmp_path):
     assert not any(p.is_file() for kind in images for p in (tmp_path / kind).rglob("*"))  # no output written
 
 
-def test_every_command_with_an_unwritable_output(tiny_mlx, tiny_hf, image_path, tmp_path):
+WRITERS = ("prune-viz", "bench", "convert", "export-coreml")
+
+
+def test_every_command_with_an_unwritable_output(commands, image_path, tmp_path):
+    named, model = commands
     blocker = tmp_path / "a-file"
     blocker.write_text("mine")
     folder = tmp_path / "a-folder"
     folder.mkdir()
     (folder / "keep.txt").write_text("mine")
     cases = []
-    for name, command in {**{n: MODEL_COMMANDS[n] for n in ("prune-viz", "bench")}, **SOURCE_COMMANDS}.items():
-        model = str(tiny_hf[0] if name in SOURCE_COMMANDS else tiny_mlx)
-        under_file = str(blocker / OUTPUTS[name])
-        cases.append((f"{name} / parent is a file", CLI + command(model, str(image_path), under_file), ("a-file",)))
-    viz = ["prune-viz", "--model", str(tiny_mlx), "--image", str(image_path), "--pruner", "norm", "--keep-ratio", "0.5"]
-    cases.append(("prune-viz / -o is a folder", CLI + [*viz, "-o", str(folder), "--force"], ("a-folder", "folder")))
-    cases.append(("bench / --out is a file", CLI + bench(str(tiny_mlx), str(image_path), str(blocker)), ("a-file",)))
+    for name, command in ((n, c) for n, c in named.items() if n in WRITERS):
+        argv = CLI + command(str(model), str(image_path), str(blocker / OUTPUTS[name]))
+        cases.append((f"{name} / parent is a file", argv, ("a-file",)))
+    if named is MODEL_COMMANDS:
+        viz = ["prune-viz", "--model", str(model), "--image", str(image_path), "--pruner", "norm"]
+        viz += ["--keep-ratio", "0.5"]
+        cases.append(("prune-viz / -o is a folder", CLI + [*viz, "-o", str(folder), "--force"], ("a-folder", "folder")))
+        cases.append(("bench / --out is a file", CLI + bench(str(model), str(image_path), str(blocker)), ("a-file",)))
     check_all(cases)
     assert blocker.read_text() == "mine" and [p.name for p in folder.iterdir()] == ["keep.txt"]
 
@@ -195,10 +205,10 @@ def mountpoint(tmp_path):
 
 
 @pytest.mark.parametrize("options", ["ro", "size=4k"], ids=["read-only", "full"])
-def test_every_command_onto_a_read_only_or_full_disk(tiny_mlx, tiny_hf, image_path, mountpoint, options):
+def test_every_command_onto_a_read_only_or_full_disk(commands, image_path, mountpoint, options):
+    named, model = commands
     cases = []
-    for name, command in {**{n: MODEL_COMMANDS[n] for n in ("prune-viz", "bench")}, **SOURCE_COMMANDS}.items():
-        model = str(tiny_hf[0] if name in SOURCE_COMMANDS else tiny_mlx)
-        argv = CLI + command(model, str(image_path), str(mountpoint / OUTPUTS[name]))
+    for name, command in ((n, c) for n, c in named.items() if n in WRITERS):
+        argv = CLI + command(str(model), str(image_path), str(mountpoint / OUTPUTS[name]))
         cases.append((f"{name} / {options}", private_mount(options, mountpoint, argv), (str(mountpoint),)))
     check_all(cases)
