@@ -226,17 +226,24 @@ def _open_stage(name: str, parent_fd: int) -> int | None:
     return fd
 
 
-def read_marker(stage_fd: int, stage_name: str, out: Path) -> dict | None:
-    """The marker's contents if the open stage folder is one we wrote for `out`, else None."""
+def _json_at(stage_fd: int, name: str) -> tuple[object, int | None]:
+    """(JSON content, mtime in ns) of a small regular file `name` in the open stage folder, never
+    following a link; (None, None) when there is no such readable file."""
     try:
-        fd = os.open(MARKER, os.O_RDONLY | NOFOLLOW, dir_fd=stage_fd)
+        fd = os.open(name, os.O_RDONLY | NOFOLLOW, dir_fd=stage_fd)
     except OSError:
-        return None
+        return None, None
     try:
         with os.fdopen(fd, "rb") as f:
-            data = json.loads(f.read(4096)) if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else None
+            info = os.fstat(f.fileno())
+            return (json.loads(f.read(4096)), info.st_mtime_ns) if stat.S_ISREG(info.st_mode) else (None, None)
     except (OSError, ValueError):
-        return None
+        return None, None
+
+
+def read_marker(stage_fd: int, stage_name: str, out: Path) -> dict | None:
+    """The marker's contents if the open stage folder is one we wrote for `out`, else None."""
+    data, _ = _json_at(stage_fd, MARKER)
     if not isinstance(data, dict) or data.get("tool") != "fastvlm-mlx" or data.get("target") != out.name:
         return None
     token = data.get("token")
@@ -346,15 +353,7 @@ def _placeholder(at_out: os.stat_result, record: tuple | None) -> bool:
 
 def _read_record(stage_fd: int) -> tuple[int, int, int] | None:
     """(dev, ino) of the new output as recorded before the renames, and when the record was made."""
-    try:
-        fd = os.open(PUBLISHING, os.O_RDONLY | NOFOLLOW, dir_fd=stage_fd)
-    except OSError:
-        return None
-    try:
-        with os.fdopen(fd, "rb") as f:
-            data, made = json.loads(f.read(4096)), os.fstat(f.fileno()).st_mtime_ns
-    except (OSError, ValueError):
-        return None
+    data, made = _json_at(stage_fd, PUBLISHING)
     dev, ino = (data.get(key) if isinstance(data, dict) else None for key in ("dev", "ino"))
     return (dev, ino, made) if isinstance(dev, int) and isinstance(ino, int) else None
 
