@@ -300,7 +300,7 @@ def export_coreml(src, out, pruner, keep_ratio, image_size, seed, precision, for
 
 @main.command("prune-viz")
 @click.option("--model", "model_dir", type=click.Path(), help=MODEL_HELP)
-@click.option("--image", required=True, type=click.Path(), help="Image file (any format PIL reads).")
+@click.option("--image", required=True, help=IMAGE_HELP)
 @click.option("--pruner", default=None, help="Visual-token pruner (default: the model's own, from convert).")
 @KEEP_RATIO
 @IMAGE_SIZE
@@ -313,9 +313,9 @@ def prune_viz(model_dir, image, pruner, keep_ratio, image_size, seed, output, fo
     from fastvlm_mlx.load import load_model
     from fastvlm_mlx.pruneviz import draw_pruning
 
-    folder, _ = _check_inputs(model_dir, image, pruner, keep_ratio, image_size)
+    folder, picture = _check_inputs(model_dir, image, pruner, keep_ratio, image_size)
     model, _ = load_model(folder)
-    written = draw_pruning(model, image, pruner, keep_ratio, output, image_size=image_size, seed=seed, force=force)
+    written = draw_pruning(model, picture, pruner, keep_ratio, output, image_size=image_size, seed=seed, force=force)
     click.echo(f"wrote {written}", err=True)
 
 

@@ -14,8 +14,9 @@ from fastvlm_mlx.errors import UserError, check_writable, naming
 from fastvlm_mlx.features import resolve_pruning
 from fastvlm_mlx.files import create_new, rename_no_replace
 from fastvlm_mlx.generate import check_seed
+from fastvlm_mlx.images import ImageInput, read_image
 from fastvlm_mlx.model import FastVLM
-from fastvlm_mlx.preprocess import load_image, preprocess
+from fastvlm_mlx.preprocess import preprocess
 from pruners import check, prune
 
 DIM = 0.25  # brightness of dropped tokens
@@ -54,7 +55,7 @@ def render(pixels: np.ndarray, sources: np.ndarray, anchors: np.ndarray, title: 
 
 def draw_pruning(
     model: FastVLM,
-    image: str | Path,
+    image: ImageInput,
     pruner: str | None,
     keep_ratio: float | None,
     output: str | Path,
@@ -63,7 +64,7 @@ def draw_pruning(
     seed: int = 0,
     force: bool = False,
 ) -> Path:
-    """Run the vision tower and `pruner` on the image file and write the picture to `output` (PNG)."""
+    """Run the vision tower and `pruner` on the image and write the picture to `output` (PNG)."""
     output = check_output_file(Path(output), force)
     config = model.config
     pruner, keep_ratio = resolve_pruning(config, pruner, keep_ratio)
@@ -72,7 +73,7 @@ def draw_pruning(
     needs_scores = check(pruner, keep_ratio).needs_scores
     check_seed(seed)
     size = check_image_size(image_size or config.image_size, config.vision.stride)
-    pixels = preprocess(load_image(image), size, config.preprocess_mode)
+    pixels = preprocess(read_image(image), size, config.preprocess_mode)
     tokens, scores = model.encode_image(mx.array(pixels), with_scores=needs_scores)
     kept = prune(pruner, tokens, keep_ratio, scores=scores, seed=seed)
     N, k = tokens.shape[1], kept.tokens.shape[1]

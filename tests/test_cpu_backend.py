@@ -89,7 +89,7 @@ def test_import_and_help_build_load_and_write_nothing(tmp_path):
     code = "import os, sys, fastvlm_mlx; print('mlx.core' in sys.modules); print(os.environ['PATH'])"
     loaded, path = python(code, env)
     assert loaded == "False" and path == env["PATH"]
-    for args in (["--help"], ["generate", "--help"], ["convert", "--help"], ["bench", "--help"]):
+    for args in (["--help"], ["generate", "--help"], ["chat", "--help"], ["convert", "--help"], ["bench", "--help"]):
         out = subprocess.run([sys.executable, "-m", "fastvlm_mlx.cli", *args], env=env, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
     assert [p.name for p in tmp_path.rglob("*")] == ["tmp"]  # no cache, no kernels, no wrapper
