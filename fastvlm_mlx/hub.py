@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from fastvlm_mlx import __version__
-from fastvlm_mlx.cpu.private import safe_path
+from fastvlm_mlx.cpu.private import existing_ancestor, safe_path
 from fastvlm_mlx.errors import UserError, naming
 from fastvlm_mlx.load import embedded_model, load_model
 
@@ -131,7 +131,12 @@ def models_folder() -> Path:
     """The private model cache, made if missing; a UserError when it cannot be private."""
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
-    folder = base / "fastvlm-mlx" / "models"
+    folder = Path(os.path.realpath(base / "fastvlm-mlx" / "models"))  # a link others re-point is not followed later
+    if not safe_path(existing_ancestor(str(folder))):  # nothing is made where others could change it
+        raise UserError(
+            f"the model cache {folder} is not private: it lies in a folder others can change; "
+            "set XDG_CACHE_HOME to a folder of your own"
+        )
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = os.lstat(folder)

@@ -72,6 +72,7 @@ def test_the_cache_must_be_private(tiny_hf, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(shared))
     with pytest.raises(UserError, match="not private"):
         hub.resolve_model(tiny_hf[0])
+    assert list(shared.iterdir()) == []  # nothing made there
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "mine"))
     (tmp_path / "mine" / "fastvlm-mlx" / "models").mkdir(parents=True, mode=0o755)
     os.chmod(tmp_path / "mine" / "fastvlm-mlx" / "models", 0o755)  # readable by others: refused too

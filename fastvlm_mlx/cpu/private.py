@@ -60,7 +60,8 @@ def safe_path(path: str) -> bool:
     return True
 
 
-def _existing_ancestor(path: str) -> str:
+def existing_ancestor(path: str) -> str:
+    """`path` or the nearest folder above it that exists."""
     while not os.path.lexists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     return path
@@ -69,7 +70,7 @@ def _existing_ancestor(path: str) -> str:
 def _own_private_folder(path: str) -> str | None:
     """Make `path` (mode 0700) or reuse it if it is already ours and private; None otherwise.
     Nothing is made under a folder others could change; `path` must be absolute and resolved."""
-    if not safe_path(_existing_ancestor(path)):
+    if not safe_path(existing_ancestor(path)):
         return None
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
