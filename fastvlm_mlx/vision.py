@@ -77,14 +77,17 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
         if not with_scores:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
-            received = None
+            out, received = self.attend(q, k, v), None
         else:
             probs = mx.softmax((q * self.scale) @ k.swapaxes(-1, -2), axis=-1, precise=True)
             out = probs @ v
             received = probs.mean(axis=(1, 2))  # (B, N): attention each key receives
         out = self.proj(out.transpose(0, 2, 1, 3).reshape(B, N, C))
         return out, received
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        """Softmax attention without scores: q, k, v (B, heads, N, head_dim)."""
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
 
 
 class RepMixerBlock(nn.Module):

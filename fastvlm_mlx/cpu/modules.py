@@ -17,14 +17,14 @@ from fastvlm_mlx.cpu.conv import grouped_conv
 from fastvlm_mlx.cpu.fastmath import attention, exact_gelu, gelu, silu_mul
 
 
-def cpu_only(call):
-    """Run `call` on the CPU, the model's own `__call__` (the base class's) elsewhere."""
+def cpu_only(method):
+    """Run `method` on the CPU, the model's own method of that name (the base class's) elsewhere."""
 
-    @functools.wraps(call)
+    @functools.wraps(method)
     def dispatch(self, *args, **kwargs):
         if mx.default_device() != mx.cpu:
-            return super(type(self), self).__call__(*args, **kwargs)
-        return call(self, *args, **kwargs)
+            return getattr(super(type(self), self), method.__name__)(*args, **kwargs)
+        return method(self, *args, **kwargs)
 
     return dispatch
 
@@ -72,14 +72,8 @@ class ConvMlp(vision.ConvMlp):
 
 class Attention(vision.Attention):
     @cpu_only
-    def __call__(self, x, with_scores: bool = False):
-        if with_scores:  # explicit softmax either way
-            return super().__call__(x, with_scores)
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
-        q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
-        out = attention(q, k, v, self.scale)
-        return self.proj(out.transpose(0, 2, 1, 3).reshape(B, N, C)), None
+    def attend(self, q, k, v):
+        return attention(q, k, v, self.scale)
 
 
 class FinalConv(vision.FinalConv):
