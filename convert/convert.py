@@ -19,23 +19,12 @@ from convert import keymap, mlx_vlm, replace
 from convert.source import SOURCE_FIX, check_vocabulary, read_weights, tokenizer_length, weight_files
 from fastvlm_mlx.config import FastVLMConfig, VisionConfig, check_image_size
 from fastvlm_mlx.errors import UserError
-from fastvlm_mlx.load import WEIGHTS_FILE, check_fields, check_values, check_weights, read_json
+from fastvlm_mlx.load import SIDE_FILES, WEIGHTS_FILE, check_fields, check_values, check_weights, read_json
 from fastvlm_mlx.model import FastVLM
 from fastvlm_mlx.quantize import BITS, GROUP_SIZES, quantize_model
 from pruners import check
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-COPIED_FILES = (  # the tokenizer's and generation settings, beside the weights
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "generation_config.json",
-)
 TEXT_FIELDS = (
     "hidden_size",
     "num_hidden_layers",
@@ -412,6 +401,6 @@ def write_model(folder: Path, out: Path, config: FastVLMConfig, weights: dict[st
     except RuntimeError as error:
         raise UserError(f"cannot write {out / WEIGHTS_FILE} ({error}); check the free space and permissions") from None
     (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    for name in COPIED_FILES:
+    for name in SIDE_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, folder / name)

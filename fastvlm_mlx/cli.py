@@ -76,6 +76,7 @@ class FiniteFloat(click.FloatRange):
 
 
 SEED = click.IntRange(0, 2**64 - 1)  # MLX seeds are unsigned 64-bit
+SAMPLING_SEED = click.option("--seed", default=None, type=SEED, help="Random seed for sampling and the random pruner.")
 MODEL_HELP = (
     "Converted model folder, checkpoint folder (converted once, then cached) or Hugging Face repo id "
     "such as apple/FastVLM-0.5B (default: the embedded easy-VQA model)."
@@ -172,7 +173,7 @@ def result_json(result) -> dict:
 @IMAGE_SIZE
 @PRUNER
 @KEEP_RATIO
-@click.option("--seed", default=None, type=SEED, help="Random seed for sampling and the random pruner.")
+@SAMPLING_SEED
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @_fail_cleanly
 def generate(
@@ -206,7 +207,7 @@ def generate(
 @IMAGE_SIZE
 @PRUNER
 @KEEP_RATIO
-@click.option("--seed", default=None, type=SEED, help="Random seed for sampling and the random pruner.")
+@SAMPLING_SEED
 @click.option("--json", "as_json", is_flag=True, help="Questions one per stdin line, one JSON object per answer.")
 @_fail_cleanly
 def chat(model_dir, image, system, max_tokens, temperature, top_p, image_size, pruner, keep_ratio, seed, as_json):

@@ -26,25 +26,13 @@ from pathlib import Path
 from fastvlm_mlx import __version__
 from fastvlm_mlx.cpu.private import existing_ancestor, safe_path
 from fastvlm_mlx.errors import UserError, naming
-from fastvlm_mlx.load import embedded_model, load_model
+from fastvlm_mlx.load import SIDE_FILES, embedded_model, load_model
 
 SOURCE_TYPES = ("llava_qwen2", "fast_vlm")
 # What a checkpoint repo holds that the converter reads (no .bin pickles, archives or Core ML packages).
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer.model"]
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-CONVERTER_READS = (
-    "config.json",
-    "preprocessor_config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-)
+CONVERTER_READS = ("config.json", "preprocessor_config.json", *SIDE_FILES)
 HASH_CHUNK = 1 << 24
 
 

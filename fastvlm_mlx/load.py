@@ -25,6 +25,17 @@ from fastvlm_mlx.quantize import BITS, GROUP_SIZES, quantize_model
 WEIGHTS_FILE = "model.safetensors"
 STAGE_FIELDS = ("layers", "embed_dims", "mlp_ratios", "token_mixers", "downsamples", "pos_embs")
 VOCABULARY_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))  # any one will do
+SIDE_FILES = (  # the tokenizer's files and generation settings, kept beside the weights
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "generation_config.json",
+)
 RECONVERT = "re-run `fastvlm-mlx convert` to write it again"
 # The small easy-VQA model that ships with the package (bench/train_easyvqa.py makes it):
 # mlx/ is the converted model, hf/ the transformers checkpoint it came from.
