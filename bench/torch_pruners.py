@@ -40,11 +40,23 @@ def _merge(tokens, indices, sources):
     return (members.transpose(1, 2) @ tokens) / members.sum(1)[..., None], indices, sources
 
 
-def _merge_into_nearest(tokens, anchors, candidates, similarity):
-    anchor_slots = _slots_of(anchors, tokens.shape[1])
+def _nearest_sources(anchors, candidates, similarity):
+    anchor_slots = _slots_of(anchors, similarity.shape[1])
     nearest = torch.gather(candidates, 1, similarity.argmax(-1))
-    joined = torch.gather(anchor_slots, 1, nearest)
-    return _merge(tokens, anchors, torch.where(anchor_slots >= 0, anchor_slots, joined))
+    return torch.where(anchor_slots >= 0, anchor_slots, torch.gather(anchor_slots, 1, nearest))
+
+
+def _merge_into_nearest(tokens, anchors, candidates, similarity):
+    return _merge(tokens, anchors, _nearest_sources(anchors, candidates, similarity))
+
+
+def _anchor_plus_mean(tokens, indices, sources):
+    """Each slot's token plus the mean of the other tokens that joined it (VisionZip's contextual tokens)."""
+    is_anchor = _slots_of(indices, tokens.shape[1]) >= 0
+    joined = (sources[..., None] == torch.arange(indices.shape[1], device=tokens.device)) & ~is_anchor[..., None]
+    joined = joined.to(tokens.dtype)
+    means = (joined.transpose(1, 2) @ tokens) / joined.sum(1).clamp_min(1)[..., None]
+    return _select(tokens, indices)[0] + means, indices, sources
 
 
 def _hash_scores(n: int, seed: int, device) -> torch.Tensor:
@@ -113,7 +125,7 @@ def _visionzip(tokens, k, scores, grid, seed):
     targets = rest[:, torch.arange(n_ctx) * (n_rest // n_ctx)]
     anchors = torch.cat([dominant, targets], 1).sort(-1).values
     target_tokens = torch.gather(tokens, 1, targets[..., None].expand(-1, -1, tokens.shape[-1]))
-    return _merge_into_nearest(tokens, anchors, targets, _cosine(tokens, target_tokens))
+    return _anchor_plus_mean(tokens, anchors, _nearest_sources(anchors, targets, _cosine(tokens, target_tokens)))
 
 
 METHODS = {

@@ -4,7 +4,16 @@ import math
 
 import mlx.core as mx
 
-from pruners.ops import cosine_similarity, merge, merge_into_nearest, select, slots_of, top_k_sorted
+from pruners.ops import (
+    anchor_plus_mean,
+    cosine_similarity,
+    merge,
+    merge_into_nearest,
+    nearest_sources,
+    select,
+    slots_of,
+    top_k_sorted,
+)
 from pruners.registry import Pruned, register
 
 # VisionZip's default split of kept tokens: 54 dominant + 10 contextual out of 64.
@@ -13,11 +22,13 @@ CONTEXTUAL_SHARE = 10 / 64
 
 @register("similarity", merges=True)
 def similarity(tokens: mx.array, k: int, scores, grid, seed) -> Pruned:
-    """PruMerge-lite (after Shang et al. 2024, arXiv 2403.15388): merge redundant tokens.
+    """Cosine-redundancy merging: the k least redundant tokens stay, every other token is
+    averaged into the kept token it is most similar to.
 
-    A token is redundant by its highest cosine similarity to any earlier token in raster
-    order (the intent of the greedy keep-or-merge scan, vectorized). The k least redundant
-    tokens stay; every other token is averaged into the kept token it is most similar to.
+    This is the earlier project's "PruMerge-lite", not PruMerge (Shang et al. 2024, arXiv
+    2403.15388), which keeps the outliers of CLS attention (IQR) and merges by key similarity.
+    A token's redundancy is its highest cosine similarity to any earlier token in raster order
+    (a vectorized greedy keep-or-merge scan); a merged token stands at its kept token's position.
     """
     N = tokens.shape[1]
     cos = cosine_similarity(tokens, tokens)  # (B, N, N)
@@ -44,7 +55,8 @@ def pool_cells(grid: tuple[int, int], k: int) -> mx.array:
 
 @register("pool", merges=True)
 def pool(tokens: mx.array, k: int, scores, grid: tuple[int, int], seed) -> Pruned:
-    """Spatial average pooling of the token grid into k cells (the baseline to beat)."""
+    """Spatial average pooling of the token grid into k cells (the baseline to beat); a cell's
+    token stands at its first (top-left) grid position."""
     B, N, _ = tokens.shape
     cells = pool_cells(grid, k).astype(mx.int32)
     first = mx.where(cells[:, None] == mx.arange(k), mx.arange(N)[:, None], N).min(axis=0)  # (k,)
@@ -55,11 +67,16 @@ def pool(tokens: mx.array, k: int, scores, grid: tuple[int, int], seed) -> Prune
 @register("visionzip", needs_scores=True, merges=True)
 def visionzip(tokens: mx.array, k: int, scores: mx.array, grid, seed) -> Pruned:
     """VisionZip (Yang et al. 2024, arXiv 2412.04467): dominant tokens by attention plus
-    contextual tokens merged by similarity.
+    contextual tokens merged by similarity, as the official code computes them.
 
-    The most-attended tokens stay; the rest are spread uniformly over n_ctx targets in
-    spatial order, and each remaining token is averaged into its most similar target.
-    Similarity is cosine over output tokens (FastViTHD's last keys are a 3x3 conv earlier).
+    The most-attended tokens stay; the rest are spread uniformly over n_ctx targets in spatial
+    order, each remaining token joins its most similar target, and a contextual token is its
+    target plus the mean of the tokens that joined it (the official `target + aggregated`).
+    Departures: FastViTHD has no CLS token, so dominance is attention received (averaged over
+    heads and queries) rather than CLS attention; similarity is cosine over output tokens, not
+    the keys averaged over heads (FastViTHD's last keys are a 3x3 conv earlier); the outputs are
+    in spatial order (the official code puts the contextual tokens after the dominant ones), and
+    a contextual token stands at its target's position.
     """
     N = tokens.shape[1]
     n_ctx = min(round(k * CONTEXTUAL_SHARE), k - 1)
@@ -72,4 +89,4 @@ def visionzip(tokens: mx.array, k: int, scores: mx.array, grid, seed) -> Pruned:
     targets = rest[:, mx.arange(n_ctx) * (n_rest // n_ctx)]  # (B, n_ctx)
     anchors = mx.sort(mx.concatenate([dominant, targets], axis=1), axis=-1)
     similarity_to_targets = cosine_similarity(tokens, mx.take_along_axis(tokens, targets[..., None], axis=1))
-    return merge_into_nearest(tokens, anchors, targets, similarity_to_targets)
+    return anchor_plus_mean(tokens, anchors, nearest_sources(anchors, targets, similarity_to_targets))

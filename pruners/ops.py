@@ -47,14 +47,28 @@ def merge(tokens: mx.array, indices: mx.array, sources: mx.array) -> Pruned:
     return Pruned(sums / members.sum(axis=1)[..., None], indices, sources)
 
 
-def merge_into_nearest(tokens: mx.array, anchors: mx.array, candidates: mx.array, similarity: mx.array) -> Pruned:
-    """Anchors (B, k, sorted) stay as slots; every other token joins its most similar candidate.
+def nearest_sources(anchors: mx.array, candidates: mx.array, similarity: mx.array) -> mx.array:
+    """(B, N) slot of each token: an anchor (B, k, sorted) its own, any other token its most similar candidate's.
 
     candidates (B, M) are anchor token indices that accept merges; similarity (B, N, M) is each
     token's similarity to them.
     """
-    N = tokens.shape[1]
-    anchor_slots = slots_of(anchors, N)
+    anchor_slots = slots_of(anchors, similarity.shape[1])
     nearest = mx.take_along_axis(candidates, mx.argmax(similarity, axis=-1).astype(mx.int32), axis=1)  # (B, N)
     joined = mx.take_along_axis(anchor_slots, nearest, axis=1)
-    return merge(tokens, anchors, mx.where(anchor_slots >= 0, anchor_slots, joined))
+    return mx.where(anchor_slots >= 0, anchor_slots, joined)
+
+
+def merge_into_nearest(tokens: mx.array, anchors: mx.array, candidates: mx.array, similarity: mx.array) -> Pruned:
+    """Anchors stay as slots; every other token is averaged into its most similar candidate's slot."""
+    return merge(tokens, anchors, nearest_sources(anchors, candidates, similarity))
+
+
+def anchor_plus_mean(tokens: mx.array, indices: mx.array, sources: mx.array) -> Pruned:
+    """Each slot's own token plus the mean of the other tokens that joined it (VisionZip's
+    contextual tokens); a slot nobody joined returns its token unchanged."""
+    N, k = tokens.shape[1], indices.shape[1]
+    is_anchor = slots_of(indices, N) >= 0  # (B, N)
+    joined = ((sources[..., None] == mx.arange(k)) & ~is_anchor[..., None]).astype(tokens.dtype)  # (B, N, k)
+    means = (joined.swapaxes(1, 2) @ tokens) / mx.maximum(joined.sum(axis=1), 1)[..., None]  # (B, k, D)
+    return Pruned(gather_tokens(tokens, indices) + means, indices, sources)

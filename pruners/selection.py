@@ -16,9 +16,13 @@ def norm(tokens: mx.array, k: int, scores, grid, seed) -> Pruned:
 
 @register("attention", needs_scores=True)
 def attention(tokens: mx.array, k: int, scores: mx.array, grid, seed) -> Pruned:
-    """The k tokens that receive the most attention in the tower's last attention block
-    (ATS, Fayyaz et al. 2022, arXiv 2111.15667; FastViTHD has no CLS token, so the
-    importance is attention received, averaged over heads and queries)."""
+    """Top-k of attention received: the k tokens that receive the most attention in the tower's
+    last attention block, averaged over heads and queries.
+
+    ATS-style (Fayyaz et al. 2022, arXiv 2111.15667), not ATS itself: ATS samples tokens by
+    their CLS-attention-weighted significance (inverse-transform sampling, adaptive count);
+    FastViTHD has no CLS token, and this keeps a fixed k deterministically.
+    """
     return select(tokens, top_k_sorted(scores, k))
 
 

@@ -41,10 +41,17 @@ def test_outputs_are_kept_tokens_or_group_means(name):
     x, out, sources = np.array(tokens), np.array(kept.tokens), np.array(kept.sources)
     for b in range(2):
         means = np.stack([x[b][sources[b] == j].mean(axis=0) for j in range(out.shape[1])])
+        if name == "visionzip":  # VisionZip's contextual token: its target + the mean of the tokens that joined it
+            means = np.stack([contextual(x[b], sources[b], i, j) for j, i in enumerate(np.array(kept.indices[b]))])
         np.testing.assert_allclose(out[b], means, rtol=1e-5, atol=1e-6)
         if not PRUNERS[name].merges:
             assert (sources[b] >= 0).sum() == out.shape[1]
             assert np.array_equal(out[b], x[b][np.array(kept.indices[b])])  # bit-exact copies
+
+
+def contextual(x: np.ndarray, sources: np.ndarray, target: int, slot: int) -> np.ndarray:
+    others = (sources == slot) & (np.arange(len(sources)) != target)
+    return x[target] + (x[others].mean(axis=0) if others.any() else 0)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -130,7 +137,9 @@ def test_visionzip_keeps_dominant_tokens_and_merges_the_rest():
     kept = prune("visionzip", tokens, 0.25, scores=scores)
     sources = np.array(kept.sources[0])
     dominant = np.argsort(np.array(scores[0]))[-(64 - 10) :]  # 54 dominant + 10 contextual of 64
-    assert (np.bincount(sources)[sources[dominant]] == 1).all()  # untouched
+    assert (np.bincount(sources)[sources[dominant]] == 1).all()  # alone in their slot
+    slots = sources[np.sort(dominant)]
+    assert np.array_equal(np.array(kept.tokens[0])[slots], np.array(tokens[0])[np.sort(dominant)])  # untouched
     assert (sources >= 0).all()  # nothing is thrown away: contextual tokens absorb the rest
 
 
