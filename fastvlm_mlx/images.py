@@ -27,6 +27,10 @@ URL_TIMEOUT_S = 10.0  # for the whole download, not per read
 CHUNK = 1 << 16
 
 
+class ImageTooLarge(ImageError):
+    """An image over the byte limit (a server answers 413 rather than 400)."""
+
+
 def read_image(
     image: ImageInput,
     *,
@@ -75,7 +79,7 @@ def _from_array(array: np.ndarray) -> Image.Image:
 
 def _from_bytes(data: bytes, name: str, max_bytes: int) -> Image.Image:
     if len(data) > max_bytes:
-        raise ImageError(f"{name} is {len(data)} bytes, over the {max_bytes}-byte limit; give a smaller image")
+        raise ImageTooLarge(f"{name} is {len(data)} bytes, over the {max_bytes}-byte limit; give a smaller image")
     return decode_image(io.BytesIO(data), name)
 
 
@@ -85,7 +89,7 @@ def data_url_bytes(url: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     if not comma:
         raise ImageError("the data: URL has no ',' before its data; expected data:image/png;base64,....")
     if len(payload) > max_bytes * 4 // 3 + 4:  # refuse before decoding what would be too large anyway
-        raise ImageError(f"the data: URL holds more than {max_bytes} bytes; give a smaller image")
+        raise ImageTooLarge(f"the data: URL holds more than {max_bytes} bytes; give a smaller image")
     if not header.lower().endswith(";base64"):
         return urllib.parse.unquote_to_bytes(payload)
     try:
@@ -112,12 +116,12 @@ def fetch(url: str, max_bytes: int = MAX_IMAGE_BYTES, timeout_s: float = URL_TIM
         with opener.open(request, timeout=timeout_s) as response:
             length = response.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > max_bytes:
-                raise ImageError(f"{_shown(url)} is {length} bytes, over the {max_bytes}-byte limit")
+                raise ImageTooLarge(f"{_shown(url)} is {length} bytes, over the {max_bytes}-byte limit")
             body = bytearray()
             while chunk := response.read(CHUNK):
                 body += chunk
                 if len(body) > max_bytes:
-                    raise ImageError(f"{_shown(url)} sends more than {max_bytes} bytes; give a smaller image")
+                    raise ImageTooLarge(f"{_shown(url)} sends more than {max_bytes} bytes; give a smaller image")
                 if time.monotonic() > deadline:
                     raise ImageError(f"{_shown(url)} took longer than {timeout_s:g} s to download")
             return bytes(body)
