@@ -320,6 +320,32 @@ def prune_viz(model_dir, image, pruner, keep_ratio, image_size, seed, output, fo
     click.echo(f"wrote {written}", err=True)
 
 
+@main.command()
+@click.option("--model", "model_dir", help=MODEL_HELP)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="FASTVLM_MLX_API_KEY", help="Require Bearer KEY.")
+@click.option("--allow-local-files", is_flag=True, help="Let image_url name a file on this machine.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 256), help="Decoded at once.")
+@click.option("--max-queue", default=32, show_default=True, type=click.IntRange(0), help="Waiting; more: 429.")
+@click.option("--timeout", "timeout_s", default=300.0, show_default=True, type=FiniteFloat(min=0.1), help="Seconds.")
+@click.option("--max-image-bytes", default=20 * 2**20, show_default=True, type=click.IntRange(1), help="More: 413.")
+@click.option("--max-image-pixels", default=4096 * 4096, show_default=True, type=click.IntRange(1), help="More: 413.")
+@_fail_cleanly
+def serve(model_dir, host, port, api_key, allow_local_files, max_batch, max_queue, timeout_s, **image_limits) -> None:
+    """An OpenAI-compatible server (POST /v1/chat/completions, GET /v1/models, GET /health)
+    that batches concurrent requests; needs the server extra (fastapi, uvicorn)."""
+    try:
+        from fastvlm_mlx.server import Limits
+        from fastvlm_mlx.server import serve as run
+    except ImportError as error:
+        raise click.ClickException(f"{error}; install the server extra: pip install 'fastvlm-mlx[server]'") from None
+
+    limits = Limits(timeout_s=timeout_s, **image_limits)
+    run(model_dir, host=host, port=port, api_key=api_key, allow_local_files=allow_local_files, max_batch=max_batch,
+        max_queue=max_queue, limits=limits)  # fmt: skip
+
+
 def _split(text: str, kind=str) -> list:
     try:
         return [kind(part.strip()) for part in text.split(",") if part.strip()]

@@ -1,0 +1,482 @@
+"""The batching engine: one worker thread owns MLX and answers every request of one model.
+
+Decoding is mlx-lm's `BatchGenerator` (continuous batching: `BatchKVCache` merge, extend and
+filter, per-request samplers, max_tokens and end-of-sequence handling). It takes token prompts
+only, and ours are input embeddings with the image spliced in, so the engine prefills each
+prompt but its last position itself, into a per-request `KVCache`, in chunks between decode
+steps (a long prompt never stalls the others for more than one chunk), then inserts the last
+token with that cache. Finished requests leave their caches in mlx-lm's `LRUPromptCache`,
+keyed by the image's feature key and the prompt's positions, so a follow-up turn prefills
+only what it adds; the vision stage goes through a `VisionCache`.
+
+Callers build a `Job` (`Engine.prepare`, on their own thread: tokenization, context check),
+`submit` it and read `Delta` events, then one `Finished` or `Failed`, from its `Handle`.
+"""
+
+import queue
+import sys
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, generation_stream
+from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import apply_top_p, greedy_sampler
+from PIL import Image
+
+from fastvlm_mlx.errors import UserError
+from fastvlm_mlx.features import VisionCache, VisionSettings, image_features
+from fastvlm_mlx.generate import (
+    IMAGE_POSITION,
+    PREFILL_CHUNK,
+    Prompt,
+    check_sampling,
+    check_seed,
+    make_prompt,
+    room_to_answer,
+)
+from fastvlm_mlx.model import FastVLM
+from fastvlm_mlx.prompt import as_messages
+from pruners import PrunerError
+
+DECODE_CHUNK = 128  # prompt positions prefilled between two decode steps while others decode
+
+
+class QueueFull(Exception):
+    """Every slot and queue place is taken; the caller should retry later."""
+
+
+@dataclass
+class Job:
+    """One request, checked and tokenized: what the worker needs and nothing it must decode."""
+
+    picture: Image.Image
+    prompt: Prompt
+    settings: VisionSettings
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    timeout_s: float | None = None
+    received: float = field(default_factory=time.perf_counter)  # when the request arrived
+
+
+@dataclass
+class Delta:
+    text: str  # may be empty while a character or a possible stop string is incomplete
+    token: int
+
+
+@dataclass
+class Finished:
+    text: str  # the whole answer, cut before a stop string
+    finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    timings: dict  # stage timings and cache use, for the response's `fastvlm` extension
+
+
+@dataclass
+class Failed:
+    message: str
+    kind: str  # "invalid_request" (bad input found by the worker), "timeout" or "server"
+
+
+Event = Delta | Finished | Failed
+
+
+class Handle:
+    """A submitted job's events, in order; `cancel` frees its slot at the worker's next step."""
+
+    def __init__(self, engine: "Engine", on_event: Callable[[Event], None] | None = None):
+        self._engine, self._on_event = engine, on_event
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.cancelled = False
+
+    def emit(self, event: Event) -> None:
+        (self._on_event or self.events.put)(event)
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self._engine._inbox.put(("cancel", self))
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            event = self.events.get()
+            yield event
+            if not isinstance(event, Delta):
+                return
+
+
+def seeded_sampler(temperature: float, top_p: float, seed: int | None):
+    """mlx-lm's sampling (temperature, then top-p) drawing from this request's own key when
+    seeded, so a seeded answer does not depend on what else is in the batch."""
+    if temperature == 0:
+        return greedy_sampler  # one object: a greedy batch samples in one call
+    key = None if seed is None else mx.random.key(seed)
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        if 0 < top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
+        if key is None:
+            return mx.random.categorical(logprobs * (1 / temperature))
+        key, draw = mx.random.split(key)
+        return mx.random.categorical(logprobs * (1 / temperature), key=draw)
+
+    return sample
+
+
+class _Slot:
+    """A job inside the engine: waiting, prefilling, then decoding under a generator uid."""
+
+    def __init__(self, job: Job, handle: Handle, tokenizer):
+        self.job, self.handle = job, handle
+        self.deadline = None if job.timeout_s is None else job.received + job.timeout_s
+        self.submitted = time.perf_counter()
+        self.features = self.cache = self.embeds = self.uid = None
+        self.positions: list[int] = []
+        self.reused = self.prefilled = 0
+        self.detokenizer = tokenizer.detokenizer
+        self.known = len(tokenizer._tokenizer)
+        self.text, self.sent, self.token_ids, self.generated = "", 0, [], 0
+        self.t_start = self.t_vision = self.t_first = self.t_last = None
+
+
+class Engine:
+    """Continuous batching over one model; `start` the worker, `submit` jobs, `close` when done.
+
+    `max_batch` requests prefill or decode at once, `max_queue` more may wait; past that
+    `submit` raises QueueFull. `prefill_chunk` positions are prefilled between two decode steps."""
+
+    def __init__(
+        self,
+        model: FastVLM,
+        tokenizer,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 32,
+        prefill_chunk: int = DECODE_CHUNK,
+        vision_cache: VisionCache | None = None,
+        prompt_cache_entries: int = 16,
+        prompt_cache_bytes: int = 2 << 30,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.vision_cache = VisionCache() if vision_cache is None else vision_cache
+        self.prompt_cache = LRUPromptCache(max_size=prompt_cache_entries, max_bytes=prompt_cache_bytes)
+        self.eos = sorted(set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids))
+        self._answers: OrderedDict[str, list[int]] = OrderedDict()  # answer text -> the ids generated for it
+        self._answers_lock = threading.Lock()
+        self._inbox: queue.Queue = queue.Queue()
+        self._count_lock = threading.Lock()
+        self._in_engine = 0  # submitted and not yet finished
+        self._waiting: list[_Slot] = []
+        self._prefilling: list[_Slot] = []
+        self._decoding: dict[int, _Slot] = {}
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self.stats = {"requests": 0, "prefilled_positions": 0, "reused_positions": 0, "decode_steps": 0}
+
+    # -- the caller's side ------------------------------------------------------------------
+
+    def prepare(
+        self,
+        picture: Image.Image,
+        messages: list[dict],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: tuple[str, ...] = (),
+        image_size: int | None = None,
+        pruner: str | None = None,
+        keep_ratio: float | None = None,
+        keep_positions: bool = False,
+        timeout_s: float | None = None,
+    ) -> Job:
+        """A Job for `messages` about `picture`; bad values and prompts past the context are UserErrors.
+
+        Pruned tokens keeping their positions (`keep_positions`, GAP) is not batched yet: the
+        positions ride on a sequence's own KV cache, which the batch cache does not carry."""
+        received = time.perf_counter()
+        if keep_positions:
+            raise UserError("keep_positions is not supported by batched decoding; leave it off for the server")
+        check_sampling(temperature, top_p)
+        check_seed(seed)
+        if not (isinstance(max_tokens, int) and max_tokens >= 1):
+            raise UserError(f"max_tokens must be a whole number >= 1, not {max_tokens!r}")
+        settings = VisionSettings.resolve(self.model.config, image_size, pruner, keep_ratio, seed, False)
+        messages = as_messages(messages)
+        with self._answers_lock:
+            known = {
+                i: self._answers[m["content"]]
+                for i, m in enumerate(messages)
+                if m["role"] == "assistant" and isinstance(m["content"], str) and m["content"] in self._answers
+            }
+        prompt = make_prompt(self.tokenizer, messages, settings.visual_tokens(self.model.config), known=known)
+        if prompt.positions[-1] == IMAGE_POSITION:
+            raise UserError("the chat template ends the prompt with the image; it must end with text")
+        max_tokens = min(max_tokens, room_to_answer(self.model.config, len(prompt.positions)))
+        options = dict(temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop), timeout_s=timeout_s)
+        return Job(picture, prompt, settings, max_tokens, **options, received=received)
+
+    def submit(self, job: Job, on_event: Callable[[Event], None] | None = None) -> Handle:
+        """Queue `job`; its events go to `on_event` (called on the worker thread) or the handle's queue."""
+        with self._count_lock:
+            if self._in_engine >= self.max_batch + self.max_queue:
+                raise QueueFull(f"{self._in_engine} requests are in progress or waiting; retry later")
+            self._in_engine += 1
+        handle = Handle(self, on_event)
+        self._inbox.put(("job", _Slot(job, handle, self.tokenizer)))
+        return handle
+
+    def load(self) -> dict:
+        """How busy the engine is (read without locking: a snapshot for /health)."""
+        return {
+            "waiting": len(self._waiting),
+            "prefilling": len(self._prefilling),
+            "decoding": len(self._decoding),
+            "in_engine": self._in_engine,
+        }
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="fastvlm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the worker; requests still in it fail."""
+        if self._thread is not None:
+            self._inbox.put(("close", None))
+            self._stopped.wait()
+            self._thread = None
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the worker -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._generator = self._new_generator()
+        while self._take_inbox(block=not (self._waiting or self._prefilling or self._decoding)):
+            self._expire()
+            self._admit()
+            if self._prefilling:
+                self._guarded(self._prefilling[0], self._prefill_step)
+            if self._decoding:
+                self._decode_step()
+            if not (self._waiting or self._prefilling or self._decoding):
+                mx.clear_cache()  # idle: hand the freed buffers back
+        for slot in self._slots():
+            self._fail(slot, "the server is shutting down", "server")
+        self._generator.close()
+        self._stopped.set()
+        # Parked, never ended: MLX's per-thread compile cache releases Python objects when a thread
+        # ends, and a thread ending while the interpreter shuts down aborts the process.
+        threading.Event().wait()
+
+    def _new_generator(self) -> BatchGenerator:
+        size = self.max_batch
+        return BatchGenerator(
+            self.model.language_model,
+            stop_tokens=[[e] for e in self.eos],
+            completion_batch_size=size,
+            prefill_batch_size=size,
+            prefill_step_size=PREFILL_CHUNK,
+        )
+
+    def _take_inbox(self, block: bool) -> bool:
+        """Move new jobs in and cancellations out; False once asked to close."""
+        while True:
+            try:
+                kind, item = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "close":
+                return False
+            if kind == "job":
+                self._waiting.append(item)
+                self.stats["requests"] += 1
+            else:
+                self._drop(next((s for s in self._slots() if s.handle is item), None))
+
+    def _slots(self) -> list[_Slot]:
+        return [*self._waiting, *self._prefilling, *self._decoding.values()]
+
+    def _drop(self, slot: _Slot | None) -> None:
+        """Take `slot` out of the engine wherever it is (it gets no more events)."""
+        if slot is None:
+            return
+        if slot in self._waiting:
+            self._waiting.remove(slot)
+        elif slot in self._prefilling:
+            self._prefilling.remove(slot)
+        elif slot.uid in self._decoding:
+            del self._decoding[slot.uid]
+            self._generator.remove([slot.uid])
+        else:
+            return
+        with self._count_lock:
+            self._in_engine -= 1
+
+    def _fail(self, slot: _Slot, message: str, kind: str) -> None:
+        self._drop(slot)
+        slot.handle.emit(Failed(message, kind))
+
+    def _expire(self) -> None:
+        now = time.perf_counter()
+        for slot in self._slots():
+            if slot.deadline is not None and now > slot.deadline:
+                where = "waiting" if slot.t_first is None else "answering"
+                self._fail(slot, f"the request timed out after {slot.job.timeout_s:g} s ({where})", "timeout")
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._prefilling) + len(self._decoding) < self.max_batch:
+            self._prefilling.append(self._waiting.pop(0))
+
+    def _guarded(self, slot: _Slot, step: Callable[[_Slot], None]) -> None:
+        """Run one step of one request; its bad input fails it alone, and so does a bug."""
+        try:
+            step(slot)
+        except (UserError, PrunerError) as error:
+            self._fail(slot, " ".join(str(error).split()), "invalid_request")
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            self._fail(slot, "internal error while answering; see the server log", "server")
+
+    def _prefill_step(self, slot: _Slot) -> None:
+        """The vision stage (one step), then one chunk of the prompt, then the hand-over to decoding."""
+        if slot.features is None:
+            self._start_prefill(slot)
+            return
+        total = slot.embeds.shape[1]
+        chunk = self.prefill_chunk if self._decoding else PREFILL_CHUNK  # nobody to keep waiting: go
+        if slot.prefilled < total:
+            end = min(slot.prefilled + chunk, total)
+            with mx.stream(generation_stream):
+                self.model.language_model.model(
+                    None, cache=slot.cache, input_embeddings=slot.embeds[:, slot.prefilled : end]
+                )
+                mx.eval([c.state for c in slot.cache])
+            slot.prefilled = end
+        if slot.prefilled == total:
+            self._prefilling.remove(slot)
+            job = slot.job
+            sampler = seeded_sampler(job.temperature, job.top_p, job.seed)
+            uid = self._generator.insert(
+                [[slot.positions[-1]]],
+                max_tokens=[job.max_tokens],
+                caches=[slot.cache],
+                all_tokens=[slot.positions[:-1]],
+                samplers=[sampler],
+            )[0]
+            slot.uid, slot.embeds = uid, None
+            self._decoding[uid] = slot
+
+    def _start_prefill(self, slot: _Slot) -> None:
+        """Vision features (from the vision cache when it holds them), then the longest cached
+        prefix of the prompt from the prompt cache; what is left waits for prefill chunks."""
+        slot.t_start = time.perf_counter()
+        prompt = slot.job.prompt
+        features = image_features(self.model, slot.job.picture, slot.job.settings, self.vision_cache)
+        prompt.visual_tokens = features.tokens_after
+        positions = prompt.positions
+        cache, rest = self.prompt_cache.fetch_nearest_cache(features.key, positions)
+        if cache is None:
+            cache = make_prompt_cache(self.model.language_model)
+        reused = len(positions) - len(rest)
+        if reused == len(positions):  # the last position goes to the generator as its prompt
+            trim_prompt_cache(cache, 1)
+            reused -= 1
+        slot.embeds = self.model.splice(prompt.ids_before, features.embeds, prompt.ids_after)[:, reused:-1]
+        slot.features, slot.cache, slot.positions, slot.reused = features, cache, positions, reused
+        slot.t_vision = time.perf_counter()
+        self.stats["prefilled_positions"] += len(positions) - reused
+        self.stats["reused_positions"] += reused
+
+    def _decode_step(self) -> None:
+        try:
+            _, responses = self._generator.next()
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            for slot in list(self._decoding.values()):
+                self._fail(slot, "internal error while decoding; see the server log", "server")
+            self._generator = self._new_generator()
+            return
+        self.stats["decode_steps"] += 1
+        for response in responses:
+            slot = self._decoding.get(response.uid)
+            if slot is not None:
+                self._guarded(slot, lambda s, r=response: self._on_token(s, r))
+
+    def _on_token(self, slot: _Slot, response) -> None:
+        now = time.perf_counter()
+        slot.t_first = slot.t_first or now
+        slot.t_last, slot.generated = now, slot.generated + 1
+        token, finish = response.token, response.finish_reason
+        if token not in self.eos:
+            if token < slot.known:  # ids past the tokenizer (padded embedding rows) have no text
+                slot.detokenizer.add_token(token)
+            slot.token_ids.append(token)
+        if finish:
+            slot.detokenizer.finalize()
+        slot.text += slot.detokenizer.last_segment
+        stop_at = min((i for s in slot.job.stop if (i := slot.text.find(s)) >= 0), default=-1)
+        if stop_at >= 0:
+            slot.text, finish = slot.text[:stop_at], "stop"
+        hold = 0 if finish else max((len(s) - 1 for s in slot.job.stop), default=0)
+        upto = max(slot.sent, len(slot.text) - hold)
+        slot.handle.emit(Delta(slot.text[slot.sent : upto], token))
+        slot.sent = upto
+        if not finish:
+            return
+        if response.prompt_cache is None:  # cut by a stop string: the generator still holds it
+            cache, tokens = self._generator.extract_cache([slot.uid])[slot.uid]
+        else:
+            cache, tokens = response.prompt_cache, response.all_tokens
+        self.prompt_cache.insert_cache(slot.features.key, list(tokens), cache)
+        if stop_at < 0:
+            self._remember_answer(slot.text, slot.token_ids)
+        self._drop(slot)
+        slot.handle.emit(self._finished(slot, finish))
+
+    def _remember_answer(self, text: str, ids: list[int]) -> None:
+        """A follow-up turn that quotes this answer reuses its ids (and so the cached positions)."""
+        with self._answers_lock:
+            self._answers[text] = list(ids)
+            self._answers.move_to_end(text)
+            while len(self._answers) > 4 * self.prompt_cache.max_size:
+                self._answers.popitem(last=False)
+
+    def _finished(self, slot: _Slot, finish: str) -> Finished:
+        f, job = slot.features, slot.job
+        decoded = slot.generated - 1
+        decode_s = slot.t_last - slot.t_first
+        timings = {
+            "queue_s": slot.t_start - slot.submitted,
+            "preprocess_s": (slot.submitted - job.received) + f.preprocess_s,
+            "vision_s": f.vision_s,
+            "prune_s": f.prune_s,
+            "prefill_s": slot.t_first - slot.t_vision,
+            "ttft_s": slot.t_first - job.received,
+            "decode_tokens_per_s": decoded / decode_s if decoded > 0 and decode_s > 0 else 0.0,
+            "total_s": time.perf_counter() - job.received,
+            "prefilled_positions": len(slot.positions) - slot.reused,
+            "reused_positions": slot.reused,
+            "vision_cached": f.vision_s == 0.0,
+            "visual_tokens": {"before": f.tokens_before, "after": f.tokens_after},
+        }
+        return Finished(slot.text, finish, len(slot.positions), len(slot.token_ids), timings)
