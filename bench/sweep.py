@@ -40,11 +40,12 @@ class Setting:
     pruner: str | None
     keep_ratio: float
     image_size: int
+    keep_positions: bool = False  # the kept visual tokens keep their unpruned RoPE positions
 
     @property
     def label(self) -> str:
         method = f"{self.pruner} {self.keep_ratio:g}" if self.pruner else "baseline"
-        return f"{method} @{self.image_size}"
+        return f"{method}{' kept-positions' if self.keep_positions else ''} @{self.image_size}"
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,15 @@ class Item:
 
 
 def make_settings(
-    pruners: list[str], keep_ratios: list[float], image_sizes: list[int], default_size: int, stride: int
+    pruners: list[str],
+    keep_ratios: list[float],
+    image_sizes: list[int],
+    default_size: int,
+    stride: int,
+    keep_positions: bool = False,
 ) -> list[Setting]:
-    """Unpruned runs at every image size; every pruner at every keep ratio below 1 at the model's size."""
+    """Unpruned runs at every image size; every pruner at every keep ratio below 1 at the model's size
+    (with `keep_positions`, its kept tokens at their unpruned RoPE positions)."""
     for name in pruners:
         for ratio in keep_ratios:
             check(name, ratio)
@@ -66,7 +73,7 @@ def make_settings(
     sizes = list(dict.fromkeys([default_size, *image_sizes]))
     settings = [Setting(None, 1.0, size) for size in sizes]
     ratios = [r for r in dict.fromkeys(keep_ratios) if r < 1]
-    pruned = [Setting(name, r, default_size) for name in dict.fromkeys(pruners) for r in ratios]
+    pruned = [Setting(name, r, default_size, keep_positions) for name in dict.fromkeys(pruners) for r in ratios]
     return settings + pruned
 
 
@@ -227,6 +234,7 @@ def run_bench(
     torch_device: str,
     dtype: str,
     workdir: Path,
+    keep_positions: bool | None = None,
 ) -> dict:
     """Run the sweep and return the results (every run, summary rows, environment)."""
     check_writable(workdir, "--out folder")
@@ -250,7 +258,9 @@ def run_bench(
     items = load_items(images, prompts or [DEFAULT_PROMPT], dataset)
     model, tokenizer = load_model(model_dir)
     model.set_dtype(MX_DTYPES[dtype])
-    settings = make_settings(pruners, keep_ratios, image_sizes, model.config.image_size, model.config.vision.stride)
+    keep_positions = model.config.keep_positions if keep_positions is None else keep_positions
+    size, stride = model.config.image_size, model.config.vision.stride
+    settings = make_settings(pruners, keep_ratios, image_sizes, size, stride, keep_positions)
 
     device, ref_model = None, None
     if "torch" in frameworks:
@@ -263,6 +273,7 @@ def run_bench(
 
     def run_once(fw: str, setting: Setting, item: Item):
         options = dict(max_tokens=max_tokens, pruner=setting.pruner, keep_ratio=setting.keep_ratio)
+        options.update(keep_positions=setting.keep_positions)
         if fw == "mlx":  # "none": unpruned even when the model was converted with a default pruner
             mlx_options = dict(options, pruner=setting.pruner or "none")
             size = setting.image_size
@@ -311,6 +322,7 @@ def run_bench(
             max_tokens=max_tokens,
             frameworks=frameworks,
             dtype=dtype,
+            keep_positions=keep_positions,
             image_size=model.config.image_size,
             quantization=model.config.quantization,
         ),

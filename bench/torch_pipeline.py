@@ -54,8 +54,10 @@ def torch_generate(
     pruner: str | None = None,
     keep_ratio: float = 1.0,
     seed: int = 0,
+    keep_positions: bool = False,
 ) -> GenerationResult:
-    """Greedy generation with transformers' FastVlmForConditionalGeneration, timed per stage."""
+    """Greedy generation with transformers' FastVlmForConditionalGeneration, timed per stage; with
+    `keep_positions`, explicit `position_ids` give the kept visual tokens their unpruned positions."""
     device, dtype = model.device, model.dtype
     scored = needs_scores(pruner, keep_ratio)
     if device.type == "cuda":
@@ -68,13 +70,18 @@ def torch_generate(
 
     vision, scores = encode_image(model, pixels, scored)  # (1, N, D), (1, N) or None
     t_vision = _sync(device)
-    kept = vision if pruner is None else torch_prune(pruner, vision, keep_ratio, scores, seed=seed)[0]
+    kept, indices = (vision, None) if pruner is None else torch_prune(pruner, vision, keep_ratio, scores, seed=seed)[:2]
     t_prune = _sync(device)
+    positions = None
+    if keep_positions and indices is not None:
+        start, end = len(ids_before), len(ids_before) + vision.shape[1]
+        image = start + indices[0].to("cpu")
+        positions = torch.cat([torch.arange(start), image, torch.arange(end, end + len(ids_after))])[None].to(device)
 
     embed = model.get_input_embeddings()
     ids = [torch.tensor([x], device=device) for x in (ids_before, ids_after)]
     embeds = torch.cat([embed(ids[0]), model.model.multi_modal_projector(kept), embed(ids[1])], dim=1)
-    out = model.model.language_model(inputs_embeds=embeds, use_cache=True)
+    out = model.model.language_model(inputs_embeds=embeds, position_ids=positions, use_cache=True)
     logits = model.lm_head(out.last_hidden_state[:, -1])
     token = logits.argmax(-1)
     cache = out.cache
@@ -82,7 +89,10 @@ def torch_generate(
     t_first = _sync(device)
     first_logprobs = logits[0].float().log_softmax(-1).cpu().numpy()
     while len(token_ids) < max_tokens and token_ids[-1] not in eos:
-        out = model.model.language_model(inputs_embeds=embed(token[:, None]), cache=cache, use_cache=True)
+        step = None if positions is None else positions[:, -1:] + len(token_ids)  # on from the unpruned length
+        out = model.model.language_model(
+            inputs_embeds=embed(token[:, None]), cache=cache, position_ids=step, use_cache=True
+        )
         cache = out.cache
         token = model.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
         token_ids.append(int(token))

@@ -355,6 +355,7 @@ def convert(
     quantize_projector: bool = False,
     pruner: str | None = None,
     keep_ratio: float = 1.0,
+    keep_positions: bool = False,
 ) -> Path:
     """Convert SRC to an MLX model directory OUT; OUT is replaced only with force=True.
 
@@ -362,7 +363,8 @@ def convert(
     set, even if it appears while converting; with force it is swapped out so that a crash never
     leaves OUT missing (see `convert.replace`; a symlink at OUT is replaced, not followed).
     `quantize` (4 or 8 bits) quantizes the LLM (and the projector if asked); `pruner` and
-    `keep_ratio` become the model's default visual-token pruning.
+    `keep_ratio` become the model's default visual-token pruning, `keep_positions` whether pruned
+    visual tokens keep their unpruned RoPE positions by default.
     """
     src = Path(src)
     if dtype not in DTYPES:
@@ -376,6 +378,7 @@ def convert(
     out = replace.check_output(out, force, src=src)
     config, weights = build(src, dtype)
     config.pruner, config.keep_ratio = pruner, keep_ratio if pruner else 1.0
+    config.keep_positions = bool(keep_positions)
     if quantize is not None and config.quantization:
         raise UserError(f"{src} is quantized already ({config.quantization['bits']}-bit); drop --quantize")
     if quantize is not None:

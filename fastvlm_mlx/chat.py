@@ -37,8 +37,8 @@ def shared_vision_cache(model: FastVLM) -> VisionCache:
 class ChatSession:
     """A multi-turn chat about one image: `ask` for whole answers, `stream` for one response per token.
 
-    Vision settings (`image_size`, `pruner`, `keep_ratio`, `seed` of the random pruner and of
-    sampling) hold for the session; `system` is the system message of every conversation."""
+    Vision settings (`image_size`, `pruner`, `keep_ratio`, `keep_positions`, `seed` of the random
+    pruner and of sampling) hold for the session; `system` is the system message of every conversation."""
 
     def __init__(
         self,
@@ -52,10 +52,12 @@ class ChatSession:
         keep_ratio: float | None = None,
         seed: int | None = None,
         vision_cache: VisionCache | None = None,
+        keep_positions: bool | None = None,
     ):
         check_seed(seed)
         self.model, self.tokenizer, self.system, self.seed = model, tokenizer, system, seed
-        self.settings = VisionSettings.resolve(model.config, image_size, pruner, keep_ratio, seed)
+        settings = (image_size, pruner, keep_ratio, seed, keep_positions)
+        self.settings = VisionSettings.resolve(model.config, *settings)
         self.vision_cache = shared_vision_cache(model) if vision_cache is None else vision_cache
         self.image = None
         self.reset(image)
@@ -96,7 +98,9 @@ class ChatSession:
             messages = as_messages(prompt)
         known = {i: ids for i, ids in self.answer_ids.items() if messages[i : i + 1] == self.messages[i : i + 1]}
         visual = self.features.tokens_after if self.features else self.settings.visual_tokens(self.model.config)
-        return make_prompt(self.tokenizer, messages, visual, self._features, known), known
+        turn_prompt = make_prompt(self.tokenizer, messages, visual, self._features, known)
+        turn_prompt.image_span = self.settings.image_span(self.model.config)
+        return turn_prompt, known
 
     def _start(self, prompt, options: dict) -> tuple[Turn, list[dict], dict]:
         turn_prompt, known = self.prompt_for(prompt)

@@ -94,6 +94,12 @@ PRUNER = click.option(
 KEEP_RATIO = click.option(
     "--keep-ratio", default=None, type=FiniteFloat(), help="Share of visual tokens to keep, in (0, 1]."
 )
+KEEP_POSITIONS = click.option(
+    "--keep-positions/--no-keep-positions",
+    default=None,
+    help="Kept visual tokens keep their unpruned RoPE positions, the text after them the unpruned length's "
+    "(GAP; default: the model's, from convert).",
+)
 
 
 def _check_inputs(model_dir, image: str, pruner: str | None, keep_ratio: float | None, image_size: int | None):
@@ -173,12 +179,14 @@ def result_json(result) -> dict:
 @IMAGE_SIZE
 @PRUNER
 @KEEP_RATIO
+@KEEP_POSITIONS
 @SAMPLING_SEED
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @_fail_cleanly
 def generate(
-    model_dir, image, prompt, prompt_file, max_tokens, temperature, top_p, image_size, pruner, keep_ratio, seed, as_json
-) -> None:
+    model_dir, image, prompt, prompt_file, max_tokens, temperature, top_p, image_size, pruner, keep_ratio,
+    keep_positions, seed, as_json
+) -> None:  # fmt: skip
     """Answer the prompt about IMAGE, streaming the text (the answer alone on stdout).
 
     The answer stops at the model's context; a prompt that does not fit is an error."""
@@ -190,7 +198,7 @@ def generate(
     folder, picture = _check_inputs(model_dir, image, pruner, keep_ratio, image_size)
     model, tokenizer = load_model(folder)
     options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, image_size=image_size)
-    options.update(pruner=pruner, keep_ratio=keep_ratio, seed=seed)
+    options.update(pruner=pruner, keep_ratio=keep_ratio, keep_positions=keep_positions, seed=seed)
     if as_json:
         click.echo(json.dumps(result_json(run(model, tokenizer, picture, prompt, **options))))
         return
@@ -207,10 +215,14 @@ def generate(
 @IMAGE_SIZE
 @PRUNER
 @KEEP_RATIO
+@KEEP_POSITIONS
 @SAMPLING_SEED
 @click.option("--json", "as_json", is_flag=True, help="Questions one per stdin line, one JSON object per answer.")
 @_fail_cleanly
-def chat(model_dir, image, system, max_tokens, temperature, top_p, image_size, pruner, keep_ratio, seed, as_json):
+def chat(
+    model_dir, image, system, max_tokens, temperature, top_p, image_size, pruner, keep_ratio, keep_positions, seed,
+    as_json
+):  # fmt: skip
     """Chat about IMAGE: a follow-up question reuses the image and the conversation so far.
 
     Type one question per line; /image PATH switches to another image (a new conversation),
@@ -227,7 +239,7 @@ def chat(model_dir, image, system, max_tokens, temperature, top_p, image_size, p
     folder, picture = _check_inputs(model_dir, image, pruner, keep_ratio, image_size)
     model, tokenizer = load_model(folder)
     session = ChatSession(model, tokenizer, picture, system=system, image_size=image_size, pruner=pruner,
-                          keep_ratio=keep_ratio, seed=seed)  # fmt: skip
+                          keep_ratio=keep_ratio, keep_positions=keep_positions, seed=seed)  # fmt: skip
     options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
     run_chat(session, options, result_json if as_json else None)
 
@@ -242,8 +254,11 @@ def chat(model_dir, image, system, max_tokens, temperature, top_p, image_size, p
 @click.option("--quantize-projector", is_flag=True, help="Quantize the projector too (vision stays float).")
 @click.option("--pruner", default=None, help="Default visual-token pruner of the converted model.")
 @click.option("--keep-ratio", default=1.0, show_default=True, type=FiniteFloat(), help="Its keep ratio, in (0, 1].")
+@click.option(
+    "--keep-positions", is_flag=True, help="By default, kept visual tokens keep their unpruned RoPE positions."
+)
 @_fail_cleanly
-def convert(src, out, dtype, force, quantize, group_size, quantize_projector, pruner, keep_ratio) -> None:
+def convert(src, out, dtype, force, quantize, group_size, quantize_projector, pruner, keep_ratio, keep_positions):
     """Convert a FastVLM checkpoint SRC (Apple llava_qwen2, transformers fast_vlm or mlx-vlm's) to MLX in OUT."""
     from convert.convert import convert as run
 
@@ -259,6 +274,7 @@ def convert(src, out, dtype, force, quantize, group_size, quantize_projector, pr
         quantize_projector=quantize_projector,
         pruner=pruner,
         keep_ratio=keep_ratio,
+        keep_positions=keep_positions,
     )
     click.echo(f"converted {src} -> {written}", err=True)
 
@@ -372,6 +388,7 @@ def _split(text: str, kind=str) -> list:
 @click.option("--pruners", default="all", show_default=True, help="Comma-separated pruner names, or all, or none.")
 @click.option("--keep-ratios", default="0.5,0.25", show_default=True, help="Comma-separated keep ratios in (0, 1].")
 @click.option("--image-sizes", default="", help="Extra unpruned input sizes, e.g. 768,512.")
+@KEEP_POSITIONS
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0))
 @click.option("--max-tokens", default=16, show_default=True, type=click.IntRange(min=1))

@@ -67,6 +67,7 @@ class FastVLMConfig:
     quantization: dict[str, Any] | None = None  # {"bits", "group_size", "projector"}; vision stays float
     pruner: str | None = None  # applied by default when generating; None = keep every visual token
     keep_ratio: float = 1.0
+    keep_positions: bool = False  # by default, kept visual tokens keep their unpruned RoPE positions (GAP)
     # Apple's `tokenizer_model_max_length`: its runtime cuts the merged text + image sequence to
     # this many positions. None: no limit beyond the LLM's own max_position_embeddings.
     max_context: int | None = None

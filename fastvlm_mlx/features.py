@@ -30,19 +30,35 @@ class VisionSettings:
     pruner: str | None  # None keeps every visual token
     keep_ratio: float
     seed: int  # the random pruner's draw
+    keep_positions: bool = False  # kept visual tokens keep their unpruned RoPE positions (GAP)
 
     @classmethod
-    def resolve(cls, config, image_size=None, pruner=None, keep_ratio=None, seed=None) -> "VisionSettings":
+    def resolve(
+        cls, config, image_size=None, pruner=None, keep_ratio=None, seed=None, keep_positions=None
+    ) -> "VisionSettings":
         """Explicit choices win over the model's converted defaults; bad values are UserErrors."""
         pruner, keep_ratio = resolve_pruning(config, pruner, keep_ratio)
         needs_scores(pruner, keep_ratio)  # an unknown pruner or bad ratio fails here, before any work
         size = check_image_size(image_size or config.image_size, config.vision.stride)
-        return cls(size, pruner, keep_ratio, seed or 0)
+        keep_positions = config.keep_positions if keep_positions is None else keep_positions
+        if not isinstance(keep_positions, bool):
+            raise UserError(
+                f"keep_positions must be True or False (or None: the model's default), not {keep_positions!r}"
+            )
+        return cls(size, pruner, keep_ratio, seed or 0, keep_positions)
+
+    def tokens_before(self, config) -> int:
+        """How many visual tokens the vision tower makes at this input size."""
+        return math.ceil(self.image_size / config.vision.stride) ** 2
 
     def visual_tokens(self, config) -> int:
         """How many visual tokens reach the LLM at this input size, after pruning."""
-        side = math.ceil(self.image_size / config.vision.stride)
-        return side * side if self.pruner is None else keep_count(side * side, self.keep_ratio)
+        tokens = self.tokens_before(config)
+        return tokens if self.pruner is None else keep_count(tokens, self.keep_ratio)
+
+    def image_span(self, config) -> int | None:
+        """With keep_positions, the RoPE positions the image spans (its unpruned token count), else None."""
+        return self.tokens_before(config) if self.keep_positions and self.pruner is not None else None
 
 
 @dataclass
@@ -53,6 +69,7 @@ class ImageFeatures:
     preprocess_s: float  # image decode and resize (0 when cached)
     vision_s: float  # vision tower (0 when cached)
     prune_s: float  # pruning (0 when cached)
+    kept: mx.array | None = None  # (k,) int32 ascending: the tower token each visual token stands at
 
     @property
     def tokens_after(self) -> int:
@@ -97,7 +114,7 @@ def image_features(
     picture = read_image(image)
     key = feature_key(model.config, picture, settings)
     if cache is not None and (found := cache.get(key)) is not None:
-        return ImageFeatures(found.embeds, found.tokens_before, key, time.perf_counter() - start, 0.0, 0.0)
+        return ImageFeatures(found.embeds, found.tokens_before, key, time.perf_counter() - start, 0.0, 0.0, found.kept)
     features = encode(model, picture, settings, key, start)
     if cache is not None:
         cache.put(features)
@@ -120,7 +137,8 @@ def encode(model: FastVLM, picture: Image.Image, settings: VisionSettings, key: 
     kept = prune_tokens(tokens, scores, settings.pruner, settings.keep_ratio, settings.seed)
     t_prune = _now(kept.tokens, kept.indices)
     embeds = model.project(kept.tokens)  # left lazy: the projector runs (and is timed) with the prefill
-    return ImageFeatures(embeds, tokens.shape[1], key, t_pre - start, t_vision - t_pre, t_prune - t_vision)
+    timed = (t_pre - start, t_vision - t_pre, t_prune - t_vision)
+    return ImageFeatures(embeds, tokens.shape[1], key, *timed, kept.indices[0])
 
 
 def _now(*arrays: mx.array) -> float:

@@ -21,7 +21,7 @@ from mlx_lm.sample_utils import make_sampler
 from fastvlm_mlx.errors import UserError
 from fastvlm_mlx.features import ImageFeatures, VisionCache, VisionSettings, image_features
 from fastvlm_mlx.images import ImageInput
-from fastvlm_mlx.model import FastVLM
+from fastvlm_mlx.model import FastVLM, carry_positions
 from fastvlm_mlx.prompt import as_messages, tokenize_messages
 
 PREFILL_CHUNK = 2048  # positions per prefill pass, as mlx-lm's prefill_step_size
@@ -89,10 +89,26 @@ class Prompt:
     features: Callable[[], ImageFeatures]
     messages: list[dict]  # the conversation the ids are of
     tokenize_s: float = 0.0
+    image_span: int | None = None  # keep_positions: the positions the unpruned image spans, else None
+    kept: list[int] | None = None  # with image_span, once features are made: where each visual token stood
 
     @property
     def positions(self) -> list[int]:
         return self.ids_before + [IMAGE_POSITION] * self.visual_tokens + self.ids_after
+
+    @property
+    def span(self) -> int:
+        """RoPE positions the prompt takes: its length, or more where pruned image tokens keep their places."""
+        image = self.visual_tokens if self.image_span is None else self.image_span
+        return len(self.ids_before) + image + len(self.ids_after)
+
+    def rope_positions(self) -> list[int] | None:
+        """Each prompt entry's RoPE position, where kept visual tokens keep their unpruned places
+        and the text after the image continues from the unpruned length (GAP); else None."""
+        if self.image_span is None or self.kept is None:
+            return None
+        start, end = len(self.ids_before), len(self.ids_before) + self.image_span
+        return [*range(start), *(start + i for i in self.kept), *range(end, end + len(self.ids_after))]
 
 
 class Turn:
@@ -118,7 +134,7 @@ class Turn:
         self.model, self.tokenizer, self.prompt = model, tokenizer, prompt
         self.cache = make_prompt_cache(model.language_model) if cache is None else cache
         self.cached = [] if cached is None else cached
-        self.max_tokens = min(max_tokens, room_to_answer(model.config, len(prompt.positions)))
+        self.max_tokens = min(max_tokens, room_to_answer(model.config, prompt.span))
         self.sampler = make_sampler(temp=temperature, top_p=top_p if 0 < top_p < 1 else 0.0)
         self.keep_logprobs = logprobs
         self.eos = set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
@@ -132,9 +148,12 @@ class Turn:
         mx.reset_peak_memory()
         features = self.features = self.prompt.features()
         self.prompt.visual_tokens = features.tokens_after
+        if self.prompt.image_span is not None:
+            self.prompt.image_span, self.prompt.kept = features.tokens_before, features.kept.tolist()
         positions = self.prompt.positions
         reused = min(shared_prefix(self.cached, positions), len(positions) - 1)  # the last one gives logits
         trim_prompt_cache(self.cache, self.cache[0].offset - reused)
+        carry_positions(self.cache, self.prompt.rope_positions())  # the answer's positions continue from them
         embeds = self.model.splice(self.prompt.ids_before, features.embeds, self.prompt.ids_after)[:, reused:]
         t_prefill = time.perf_counter()
         fed: list[int] = []
@@ -213,15 +232,18 @@ def stream_generate(
     keep_ratio: float | None = None,
     seed: int | None = None,
     vision_cache: VisionCache | None = None,
+    keep_positions: bool | None = None,
 ) -> Iterator[GenerationResponse]:
     """Answer `prompt` (a question, or chat messages) about `image`, one response per token.
 
     `image` is a path, PIL image, uint8 array, bytes, data: or http(s) URL. The visual tokens are
     cut to `keep_ratio` by `pruner` before the projector: None uses the model's default from
-    conversion, "none" keeps every token. `seed` seeds sampling and the `random` pruner. A prompt
+    conversion, "none" keeps every token. `keep_positions` gives the kept tokens the RoPE positions
+    they had unpruned and the text after them the unpruned length's (GAP, arXiv 2506.21873; None:
+    the model's default from conversion). `seed` seeds sampling and the `random` pruner. A prompt
     that leaves no room in the model's context is a UserError; else `max_tokens` is cut to fit."""
     turn = _one_turn(model, tokenizer, image, prompt, max_tokens, temperature, top_p, image_size, pruner,
-                     keep_ratio, seed, vision_cache, False)  # fmt: skip
+                     keep_ratio, seed, vision_cache, False, keep_positions)  # fmt: skip
     yield from turn
 
 
@@ -240,22 +262,24 @@ def generate(
     seed: int | None = None,
     vision_cache: VisionCache | None = None,
     logprobs: bool = False,
+    keep_positions: bool | None = None,
 ) -> GenerationResult:
     """`stream_generate`'s whole answer with stage timings; `logprobs` keeps the first token's."""
     turn = _one_turn(model, tokenizer, image, prompt, max_tokens, temperature, top_p, image_size, pruner,
-                     keep_ratio, seed, vision_cache, logprobs)  # fmt: skip
+                     keep_ratio, seed, vision_cache, logprobs, keep_positions)  # fmt: skip
     for _ in turn:
         pass
     return turn.result()
 
 
 def _one_turn(model, tokenizer, image, prompt, max_tokens, temperature, top_p, image_size, pruner, keep_ratio,
-              seed, vision_cache, logprobs) -> Turn:  # fmt: skip
+              seed, vision_cache, logprobs, keep_positions) -> Turn:  # fmt: skip
     check_seed(seed)
-    settings = VisionSettings.resolve(model.config, image_size, pruner, keep_ratio, seed)
+    settings = VisionSettings.resolve(model.config, image_size, pruner, keep_ratio, seed, keep_positions)
     if seed is not None:
         mx.random.seed(seed)
     prepared = make_prompt(tokenizer, prompt, settings.visual_tokens(model.config))
+    prepared.image_span = settings.image_span(model.config)
     prepared.features = lambda: image_features(model, image, settings, vision_cache)
     options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=logprobs)
     return Turn(model, tokenizer, prepared, **options)

@@ -1,4 +1,11 @@
-"""FastVLM: vision tower -> MLP projector -> Qwen2 (mlx-lm), with the image splice."""
+"""FastVLM: vision tower -> MLP projector -> Qwen2 (mlx-lm), with the image splice.
+
+Position-preserving pruning (GAP, arXiv 2506.21873) gives a sequence's visual tokens the RoPE
+positions they had before pruning. The positions ride on the sequence's KV cache (`carry_positions`
+sets them on each layer's cache), not on the model: Qwen2's attention layers of a FastVLM are
+`Attention`, which rotates queries and keys at the positions the cache carries (`rotate`), so one
+model serves sequences with and without them, and a batch cache could carry one row per sequence.
+"""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,6 +27,64 @@ class Projector(nn.Module):
         return self.linear_2(nn.gelu(self.linear_1(x)))
 
 
+class SlotPositions:
+    """The RoPE position of each KV-cache slot of one sequence: `listed[s]` for its first slots, one
+    more per slot after them. Shared by the sequence's layer caches (`cache.positions`)."""
+
+    def __init__(self, listed: list[int]):
+        self.listed = listed
+        self._last: tuple = (None, None, None)  # every layer asks for the same slots in turn
+
+    def at(self, start: int, length: int) -> int | mx.array:
+        """Positions of slots start .. start + length - 1: the first where they run on by one (RoPE's
+        offset, as mlx-lm passes it), else (length,) int32."""
+        if self._last[:2] == (start, length):
+            return self._last[2]
+        n, shift = len(self.listed), self.listed[-1] + 1 - len(self.listed)  # slot s >= n sits at s + shift
+        run = [self.listed[s] if s < n else s + shift for s in range(start, start + length)]
+        found = run[0] if run == list(range(run[0], run[0] + length)) else mx.array(run, dtype=mx.int32)
+        self._last = (start, length, found)
+        return found
+
+
+def carry_positions(cache: list, positions: list[int] | None) -> None:
+    """Give each layer's cache of one sequence the RoPE positions of its slots (None: each slot's index)."""
+    slots = None if positions is None or positions == list(range(len(positions))) else SlotPositions(positions)
+    for layer in cache:
+        layer.positions = slots
+
+
+def rotate(rope, x: mx.array, cache) -> mx.array:
+    """RoPE on queries or keys (B, heads, L, D) about to fill the cache's next L slots, at the positions
+    the cache carries, else at the slots' indices (mlx-lm's call, unchanged)."""
+    if cache is None:
+        return rope(x)
+    positions = getattr(cache, "positions", None)
+    offset = cache.offset if positions is None else positions.at(cache.offset, x.shape[2])
+    if isinstance(offset, int):
+        return rope(x, offset=offset)
+    B, H, L, D = x.shape  # each position a batch row of its own: RoPE takes one offset per row
+    rows = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
+    rows = rope(rows, offset=mx.broadcast_to(offset, (B, L)).reshape(-1))  # (L,) or a batch's (B, L)
+    return rows.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+
+
+class Attention(qwen2.Attention):
+    """mlx-lm's Qwen2 attention, rotating at the positions the cache carries (`rotate`)."""
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        if getattr(cache, "positions", None) is None:
+            return super().__call__(x, mask, cache)
+        B, L, _ = x.shape
+        queries = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        keys = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        values = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        queries, keys = rotate(self.rope, queries, cache), rotate(self.rope, keys, cache)
+        keys, values = cache.update_and_fetch(keys, values)
+        out = qwen2.scaled_dot_product_attention(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
 class FastVLM(nn.Module):
     def __init__(self, config: FastVLMConfig):
         super().__init__()
@@ -28,6 +93,8 @@ class FastVLM(nn.Module):
         self.vision_tower = FastViT(config.vision)
         self.projector = Projector(config.vision.num_features, text_args.hidden_size)
         self.language_model = qwen2.Model(text_args)
+        for layer in self.language_model.layers:  # this model's layers only, not mlx-lm's class
+            layer.self_attn.__class__ = Attention
 
     def encode_image(self, pixels: mx.array, with_scores: bool = False):
         """pixels (B, H, W, 3) in [0, 1] -> vision tokens (B, N, D) and optional scores (B, N)."""

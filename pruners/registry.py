@@ -99,8 +99,8 @@ def prune(
     grid = grid or square_grid(N)
     if grid[0] * grid[1] != N:
         raise PrunerError(f"grid {grid} does not hold {N} tokens")
+    if k == N:  # before the scores check: at ratio 1 the pipeline asks the tower for none (`needs_scores`)
+        return identity(tokens)
     if pruner.needs_scores and (scores is None or scores.shape != tokens.shape[:2]):
         raise PrunerError(f"pruner {name!r} needs attention scores of shape {tokens.shape[:2]}")
-    if k == N:
-        return identity(tokens)
     return pruner.fn(tokens, k, scores, grid, seed)

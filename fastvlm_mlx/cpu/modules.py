@@ -88,10 +88,11 @@ class Projector(model.Projector):
         return self.linear_2(gelu(self.linear_1(x)))
 
 
-class Qwen2Attention(qwen2.Attention):
+class Qwen2Attention(model.Attention):
     """Prefill through `fastmath.attention` (MLX's CPU exp is a scalar loop: ~0.2 s of a 0.5B
     model's 286-token prefill). Decode steps (which would recompile the exp for every new
-    length), quantized KV caches and batched (4-D) masks keep mlx-lm's own path."""
+    length), quantized KV caches and batched (4-D) masks keep the model's own path. RoPE goes
+    through `model.rotate`, so the positions a cache carries hold here too."""
 
     @cpu_only
     def __call__(self, x, mask=None, cache=None):
@@ -102,8 +103,7 @@ class Qwen2Attention(qwen2.Attention):
         queries = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         keys = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         values = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = 0 if cache is None else cache.offset
-        queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
+        queries, keys = model.rotate(self.rope, queries, cache), model.rotate(self.rope, keys, cache)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
         out = attention(queries, keys, values, self.scale, mask)
@@ -119,7 +119,11 @@ class Qwen2MLP(qwen2.MLP):
 
 
 _CPU_MODULES = (ConvAct, PointwiseAct, DepthwiseConv, ConvMlp, Attention, FinalConv, Projector)
-SWAPS = {swap.__mro__[1]: swap for swap in (*_CPU_MODULES, Qwen2Attention, Qwen2MLP)}  # model class -> ours
+# model class -> ours. A bare mlx-lm Qwen2's attention switches too; switched back it becomes the model's
+# `Attention`, which is mlx-lm's own whenever the cache carries no positions.
+SWAPS = {qwen2.Attention: Qwen2Attention} | {
+    swap.__mro__[1]: swap for swap in (*_CPU_MODULES, Qwen2Attention, Qwen2MLP)
+}
 
 
 def swap_modules(root) -> int:
