@@ -160,7 +160,9 @@ def check_pixels(data: bytes, max_pixels: int) -> None:
             width, height = picture.size
     except Image.DecompressionBombError:
         raise ImageTooLarge(f"the image has more than {max_pixels} pixels; give a smaller one") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:
+    except UnidentifiedImageError:
+        raise ImageError("the image is not in a format PIL reads; give a PNG, JPEG or other common image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageError(f"cannot read the image ({error}); give a PNG, JPEG or other PIL-readable image") from None
     if width * height > max_pixels:
         raise ImageTooLarge(f"the image is {width}x{height}, over the {max_pixels}-pixel limit; give a smaller one")

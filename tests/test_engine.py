@@ -1,0 +1,155 @@
+"""The batching engine without HTTP: batched answers equal `generate`'s, caches, limits, cancel, timeout."""
+
+import threading
+import time
+
+import pytest
+from PIL import Image, ImageDraw
+
+from fastvlm_mlx.engine import Delta, Engine, Failed, Finished, QueueFull
+from fastvlm_mlx.errors import UserError
+from fastvlm_mlx.generate import generate
+from fastvlm_mlx.images import read_image
+
+QUESTIONS = ["what color is the shape?", "what shape is in the image?", "is there a circle?"]
+
+
+def shape(kind: str, color: tuple) -> Image.Image:
+    image = Image.new("RGB", (64, 64), "white")
+    draw = ImageDraw.Draw(image)
+    {"circle": draw.ellipse, "rectangle": draw.rectangle}[kind]((12, 12, 52, 52), fill=color)
+    return image
+
+
+@pytest.fixture(scope="module")
+def easyvqa():
+    from fastvlm_mlx.load import embedded_model, load_model
+
+    return load_model(embedded_model())
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    return [shape("circle", (200, 30, 30)), shape("rectangle", (30, 30, 200)), shape("circle", (30, 160, 30))]
+
+
+@pytest.fixture(scope="module")
+def engine(easyvqa):
+    with Engine(*easyvqa, max_batch=4, max_queue=16) as running:
+        yield running
+
+
+def ask(engine: Engine, picture, messages, **options) -> list:
+    """Every event of one request."""
+    return list(engine.submit(engine.prepare(read_image(picture), messages, **options)))
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_batched_greedy_answers_equal_generate(easyvqa, engine, pictures):
+    model, tokenizer = easyvqa
+    cases = [(p, q) for p in pictures for q in QUESTIONS]
+    handles = [engine.submit(engine.prepare(p, user(q), max_tokens=8)) for p, q in cases]  # all at once
+    for (picture, question), handle in zip(cases, handles, strict=True):
+        events = list(handle)
+        done = events[-1]
+        expected = generate(model, tokenizer, picture, question, max_tokens=8)
+        assert isinstance(done, Finished) and done.text == expected.text
+        assert "".join(e.text for e in events[:-1]) == done.text
+        assert done.completion_tokens == len(expected.token_ids) and done.prompt_tokens == expected.prompt_tokens
+        assert done.finish_reason == expected.finish_reason
+
+
+def test_follow_up_prefills_only_its_own_tokens(easyvqa, engine, pictures):
+    model, tokenizer = easyvqa
+    first = ask(engine, pictures[0], user(QUESTIONS[0]), max_tokens=8)[-1]
+    conversation = [*user(QUESTIONS[0]), {"role": "assistant", "content": first.text}, *user(QUESTIONS[1])]
+    follow = ask(engine, pictures[0], conversation, max_tokens=8)[-1]
+    assert follow.text == generate(model, tokenizer, pictures[0], conversation, max_tokens=8).text
+    assert follow.timings["vision_cached"] and follow.timings["reused_positions"] > first.prompt_tokens
+    assert follow.timings["prefilled_positions"] < 20  # the new user turn and the assistant header
+
+
+def test_stop_strings_cut_the_answer_and_hold_back_text(engine, pictures):
+    free = ask(engine, pictures[0], user(QUESTIONS[0]), max_tokens=8)[-1].text
+    events = ask(engine, pictures[0], user(QUESTIONS[0]), max_tokens=8, stop=(free[1:3],))
+    assert events[-1].text == free[:1] and events[-1].finish_reason == "stop"
+    assert "".join(e.text for e in events[:-1]) == free[:1]
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(engine, pictures):
+    options = dict(max_tokens=6, temperature=1.5, seed=7)
+    alone = ask(engine, pictures[1], user(QUESTIONS[1]), **options)[-1].text
+    crowd = [
+        engine.submit(engine.prepare(p, user(q), max_tokens=6, temperature=1.0)) for p in pictures for q in QUESTIONS
+    ]
+    seeded = engine.submit(engine.prepare(pictures[1], user(QUESTIONS[1]), **options))
+    assert list(seeded)[-1].text == alone
+    assert all(isinstance(list(h)[-1], Finished) for h in crowd)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(temperature=float("nan")),
+        dict(top_p=1.5),
+        dict(max_tokens=0),
+        dict(seed=-1),
+        dict(pruner="nope"),
+        dict(keep_positions=True, pruner="divprune", keep_ratio=0.5),
+    ],  # fmt: skip
+)
+def test_bad_options_are_user_errors(engine, pictures, options):
+    with pytest.raises(UserError):
+        engine.prepare(pictures[0], user("what?"), **options)
+
+
+def test_a_full_engine_refuses_more(easyvqa, pictures):
+    engine = Engine(*easyvqa, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
+    job = engine.prepare(pictures[0], user("what?"), max_tokens=2)
+    for _ in range(3):
+        engine.submit(job)
+    with pytest.raises(QueueFull):
+        engine.submit(job)
+
+
+@pytest.fixture
+def endless(easyvqa):
+    """An engine whose answers never end of themselves (no end-of-sequence id): they run to max_tokens."""
+    engine = Engine(*easyvqa, max_batch=2, max_queue=2)
+    engine.eos = []
+    with engine:
+        yield engine
+
+
+def test_cancel_frees_the_slot_at_once(endless, pictures):
+    handle = endless.submit(endless.prepare(pictures[0], user("what?"), max_tokens=20000))
+    assert isinstance(handle.events.get(timeout=30), Delta)
+    handle.cancel()
+    deadline = time.monotonic() + 5
+    while endless.load()["in_engine"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert endless.load()["in_engine"] == 0 and endless.stats["decode_steps"] < 20000
+    assert all(isinstance(e, Delta) for e in list(handle.events.queue))  # no Finished after a cancel
+    again = ask(endless, pictures[0], user("what?"), max_tokens=5)
+    assert again[-1].finish_reason == "length" and again[-1].completion_tokens == 5
+
+
+def test_a_request_past_its_time_fails(endless, pictures):
+    events = ask(endless, pictures[0], user("what?"), max_tokens=20000, timeout_s=0.3)
+    assert isinstance(events[-1], Failed) and events[-1].kind == "timeout"
+    assert endless.load()["in_engine"] == 0
+
+
+def test_events_go_to_a_callback_on_the_worker(engine, pictures):
+    seen, done = [], threading.Event()
+
+    def on_event(event):
+        seen.append(threading.current_thread().name)
+        if not isinstance(event, Delta):
+            done.set()
+
+    engine.submit(engine.prepare(pictures[0], user("what?"), max_tokens=3), on_event=on_event)
+    assert done.wait(30) and set(seen) == {"fastvlm-engine"}
