@@ -45,7 +45,7 @@ class Setting:
     @property
     def label(self) -> str:
         method = f"{self.pruner} {self.keep_ratio:g}" if self.pruner else "baseline"
-        return f"{method}{' kept-positions' if self.keep_positions else ''} @{self.image_size}"
+        return f"{method}{'+pos' if self.keep_positions else ''} @{self.image_size}"  # +pos: kept positions
 
 
 @dataclass(frozen=True)

@@ -74,9 +74,9 @@ def torch_generate(
     t_prune = _sync(device)
     positions = None
     if keep_positions and indices is not None:
-        start, end = len(ids_before), len(ids_before) + vision.shape[1]
-        image = start + indices[0].to("cpu")
-        positions = torch.cat([torch.arange(start), image, torch.arange(end, end + len(ids_after))])[None].to(device)
+        first, end = len(ids_before), len(ids_before) + vision.shape[1]  # the image's span, unpruned
+        image = first + indices[0].to("cpu")
+        positions = torch.cat([torch.arange(first), image, torch.arange(end, end + len(ids_after))])[None].to(device)
 
     embed = model.get_input_embeddings()
     ids = [torch.tensor([x], device=device) for x in (ids_before, ids_after)]

@@ -189,3 +189,16 @@ def test_convert_bakes_the_default_and_the_cli_overrides_it(tiny_hf, tiny, image
 def test_keep_positions_must_be_a_bool(tiny, image_path):
     with pytest.raises(UserError, match="keep_positions"):
         fastvlm_mlx.generate(*tiny, image_path, PROMPT, pruner="divprune", keep_ratio=0.5, keep_positions="yes")
+
+
+def test_the_torch_reference_keeps_the_same_positions(tiny_pair, tiny, image_path):
+    pytest.importorskip("torch")
+    from bench.torch_pipeline import torch_generate
+
+    reference, model, tokenizer, _ = tiny_pair
+    eos = {tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    for pruner, ratio in PRUNED:
+        options = dict(pruner=pruner, keep_ratio=ratio, keep_positions=True, max_tokens=12)
+        ref = torch_generate(reference, tokenizer, image_path, PROMPT, image_size=model.config.image_size,
+                             mode=model.config.preprocess_mode, eos=eos, **options)  # fmt: skip
+        assert fastvlm_mlx.generate(*tiny, image_path, PROMPT, **options).token_ids == ref.token_ids
