@@ -21,7 +21,7 @@ from mlx_lm.sample_utils import make_sampler
 from fastvlm_mlx.errors import UserError
 from fastvlm_mlx.features import ImageFeatures, VisionCache, VisionSettings, image_features
 from fastvlm_mlx.images import ImageInput
-from fastvlm_mlx.model import FastVLM, carry_positions
+from fastvlm_mlx.model import FastVLM, carry_positions, gap_positions
 from fastvlm_mlx.prompt import as_messages, tokenize_messages
 
 PREFILL_CHUNK = 2048  # positions per prefill pass, as mlx-lm's prefill_step_size
@@ -107,8 +107,7 @@ class Prompt:
         and the text after the image continues from the unpruned length (GAP); else None."""
         if self.image_span is None or self.kept is None:
             return None
-        start, end = len(self.ids_before), len(self.ids_before) + self.image_span
-        return [*range(start), *(start + i for i in self.kept), *range(end, end + len(self.ids_after))]
+        return gap_positions(len(self.ids_before), self.kept, self.image_span, len(self.ids_after))
 
 
 class Turn:

@@ -27,29 +27,44 @@ class Projector(nn.Module):
         return self.linear_2(nn.gelu(self.linear_1(x)))
 
 
-class SlotPositions:
-    """The RoPE position of each KV-cache slot of one sequence: `listed[s]` for its first slots, one
-    more per slot after them. Shared by the sequence's layer caches (`cache.positions`)."""
+def gap_positions(before: int, kept: list[int], tokens: int, after: int) -> list[int]:
+    """A prompt's RoPE positions with the image pruned in place (GAP): `before` text positions, the
+    kept visual tokens where they stood among the image's `tokens`, then `after` from the unpruned end."""
+    end = before + tokens
+    return [*range(before), *(before + i for i in kept), *range(end, end + after)]
 
-    def __init__(self, listed: list[int]):
-        self.listed = listed
+
+class SlotPositions:
+    """The RoPE position of each KV-cache slot: `rows[b][s]` for the first slots of batch row b
+    (one row for a single sequence), one more per slot after them. Shared by the layer caches
+    of the sequence or batch (`cache.positions`)."""
+
+    def __init__(self, rows: list[list[int]]):
+        self.rows = rows
         self._last: tuple = (None, None, None)  # every layer asks for the same slots in turn
 
     def at(self, start: int, length: int) -> int | mx.array:
-        """Positions of slots start .. start + length - 1: the first where they run on by one (RoPE's
-        offset, as mlx-lm passes it), else (length,) int32."""
+        """Positions of slots start .. start + length - 1: the first where every row runs on by one
+        from the same place (RoPE's offset, as mlx-lm passes it), else (length,) or (B, length) int32."""
         if self._last[:2] == (start, length):
             return self._last[2]
-        n, shift = len(self.listed), self.listed[-1] + 1 - len(self.listed)  # slot s >= n sits at s + shift
-        run = [self.listed[s] if s < n else s + shift for s in range(start, start + length)]
-        found = run[0] if run == list(range(run[0], run[0] + length)) else mx.array(run, dtype=mx.int32)
+        runs = [[row[s] if s < len(row) else s + row[-1] + 1 - len(row) for s in range(start, start + length)]
+                for row in self.rows]  # fmt: skip
+        same = all(run == runs[0] for run in runs)
+        if same and runs[0] == list(range(runs[0][0], runs[0][0] + length)):
+            found = runs[0][0]
+        else:
+            found = mx.array(runs[0] if same else runs, dtype=mx.int32)
         self._last = (start, length, found)
         return found
 
 
-def carry_positions(cache: list, positions: list[int] | None) -> None:
-    """Give each layer's cache of one sequence the RoPE positions of its slots (None: each slot's index)."""
-    slots = None if positions is None or positions == list(range(len(positions))) else SlotPositions(positions)
+def carry_positions(cache: list, positions: list[int] | list[list[int]] | None) -> None:
+    """Give each layer's cache the RoPE positions of its slots: a list for one sequence, or one
+    per batch row (None, or each slot's own index: none, mlx-lm's RoPE call unchanged)."""
+    rows = [] if positions is None else positions if positions and isinstance(positions[0], list) else [positions]
+    plain = all(row == list(range(len(row))) for row in rows)
+    slots = None if plain else SlotPositions(rows)
     for layer in cache:
         layer.positions = slots
 

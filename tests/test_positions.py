@@ -61,12 +61,31 @@ def reference_logits(reference, embeds: np.ndarray, positions: list[int]) -> np.
 
 
 def test_slot_positions_run_on_from_the_last_listed():
-    slots = SlotPositions([0, 1, 2, 5, 9, 12, 13])
+    slots = SlotPositions([[0, 1, 2, 5, 9, 12, 13]])
     assert slots.at(0, 3) == 0  # consecutive: one offset, mlx-lm's own RoPE call
     assert np.array_equal(np.array(slots.at(1, 4)), [1, 2, 5, 9])
     assert slots.at(5, 4) == 12  # 12, 13, then 14, 15 past the listed slots
     assert slots.at(7, 1) == 14 and slots.at(20, 1) == 27
     assert slots.at(6, 2) == 13 and np.array_equal(np.array(slots.at(4, 3)), [9, 12, 13])
+    batch = SlotPositions([[0, 1, 2, 3], [0, 1, 3, 4]])  # a row per sequence, each with its own shift
+    assert batch.at(0, 2) == 0 and np.array_equal(np.array(batch.at(1, 3)), [[1, 2, 3], [1, 3, 4]])
+    assert np.array_equal(np.array(batch.at(4, 1)), [[4], [5]])
+
+
+def test_a_batch_carries_a_row_of_positions_per_sequence(tiny_pair):
+    """Two pruned sequences in one batch, each at its own positions: each row's logits are its own run's."""
+    _, model, tokenizer, pixels = tiny_pair
+    inputs = [pruned_inputs(model, tokenizer, pixels, name, ratio) for name, ratio in PRUNED]
+    alone = []
+    for embeds, positions in inputs:
+        cache = make_prompt_cache(model.language_model)
+        carry_positions(cache, positions)
+        alone.append(np.array(model.logits(embeds, cache=cache)[0]))
+    cache = make_prompt_cache(model.language_model)
+    carry_positions(cache, [positions for _, positions in inputs])
+    both = np.array(model.logits(mx.concatenate([embeds for embeds, _ in inputs]), cache=cache))
+    for row, logits in enumerate(alone):
+        np.testing.assert_allclose(both[row], logits, atol=1e-5)
 
 
 def test_only_fastvlm_layers_read_positions():
