@@ -6,6 +6,8 @@ import io
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -317,3 +319,30 @@ def test_a_client_leaving_mid_stream_frees_its_slot(gated, pictures):
     connection.close()
     assert wait_for(lambda: engine.load()["in_engine"] == 0, 5)
     assert engine.stats["decode_steps"] - steps < 5000  # stopped long before its 20000 tokens
+
+
+def test_serve_help_imports_no_server_or_mlx():
+    code = (
+        "import sys\nfrom fastvlm_mlx.cli import main\n"
+        "try:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('fastapi', 'uvicorn', 'mlx.core') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--allow-local-files" in out.stdout and out.stdout.strip().endswith("[]")
+
+
+def test_the_load_bench_runs_and_writes_json_and_png(tmp_path, shipped_mlx):
+    pytest.importorskip("torch", reason="bench.serve_load reuses bench helpers that need the torch extra")
+    from click.testing import CliRunner
+
+    from bench import serve_load
+
+    args = ["--model", str(shipped_mlx), "--clients", "1,8", "--requests", "2", "--max-tokens", "3"]
+    result = CliRunner().invoke(serve_load.main, [*args, "--image-size", "64", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "serve-load-mlx.json").read_text())
+    for workload in ("fresh-image", "cached-image"):
+        curve = results["workloads"][workload]["curve"]
+        assert curve["8"]["completion_tokens"] == 8 * 2 * 3 and curve["1"]["tokens_per_s"] > 0
+        assert {"speedup_8_over_1", "ttft_goal_met"} <= set(results["workloads"][workload]["goals"])
+    assert (tmp_path / "serve-load-mlx.png").stat().st_size > 0

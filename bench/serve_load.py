@@ -1,0 +1,287 @@
+"""The server under load: 1, 2, 4, 8, 16 concurrent clients, streamed through the openai client.
+
+    python -m bench.serve_load --synthetic 0.5b [--clients 1,2,4,8,16] [--out docs/results]   (or --model DIR)
+
+The real server (`fastvlm_mlx.server.create_app`) runs in this process on a free loopback port.
+Each client is a thread that sends `--requests` streamed requests one after another (a closed
+loop) and times, on its side, the first content chunk (TTFT) and the whole answer. Answers run to
+`--max-tokens`: the end-of-sequence id is ignored, since random weights would end answers at
+random lengths. Two workloads:
+
+- `fresh-image`: every request brings a new image, so each one runs the vision tower and the whole prefill;
+- `cached-image`: each client asks new questions about its own image (sent once before timing), so the
+  vision stage comes from the vision cache and the image's prefill from the prompt cache.
+
+Total completion tokens/s is every client's tokens over the wall time of the round. Goals (from
+the issue): 8 clients get >= 3x one client's tokens/s, and a first token waits no longer than one
+other request's prefill: the p95 TTFT at 8 clients of the steady requests (each client's second and
+later; the first ones all arrive at once) <= 2x the single-client median TTFT (its own prefill plus
+one other's). Writes serve-load-<size>.json and .png (never over earlier files).
+"""
+
+import fastvlm_mlx  # noqa: F401, I001  first: preloads the BLAS before anything imports mlx
+
+import base64
+import io
+import json
+import math
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import click
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+GOAL_SPEEDUP, GOAL_TTFT = 3.0, 2.0
+QUESTIONS = (
+    "Describe the image in detail, listing every object you can see and its colour.",
+    "What colour is the largest object?",
+    "Is there any text in the picture?",
+)
+
+
+def image_url(seed: int, size: int) -> str:
+    picture = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def messages(url: str, question: str) -> list[dict]:
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}],
+        }
+    ]
+
+
+class Server:
+    """The app on a free 127.0.0.1 port, in a thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "Server":
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+def one_request(client, model_id: str, url: str, question: str, max_tokens: int) -> dict:
+    """A streamed request, timed on the client's side, with the server's stage timings."""
+    start = time.perf_counter()
+    first, usage, timings = None, None, {}
+    stream = client.chat.completions.create(model=model_id, messages=messages(url, question), max_tokens=max_tokens,
+                                            stream=True, stream_options={"include_usage": True})  # fmt: skip
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content and first is None:
+            first = time.perf_counter()
+        if chunk.choices and chunk.choices[0].finish_reason:
+            timings = (chunk.model_extra or {}).get("fastvlm", {})
+        if chunk.usage:
+            usage = chunk.usage
+    end = time.perf_counter()
+    return {
+        "ttft_s": (first or end) - start,
+        "total_s": end - start,
+        "completion_tokens": usage.completion_tokens,
+        "prompt_tokens": usage.prompt_tokens,
+        "server": {k: timings.get(k) for k in ("queue_s", "vision_s", "prefill_s", "ttft_s", "prefilled_positions")},
+    }
+
+
+def run_round(
+    client, model_id: str, clients: int, requests: int, workload: str, size: int, max_tokens: int, seed0: int
+):
+    """`clients` threads, each sending `requests` requests in turn; the round's records and wall time."""
+    own = [image_url(seed0 + c, size) for c in range(clients)]
+    if workload == "cached-image":  # each client's image seen once, untimed
+        threads = [threading.Thread(target=one_request, args=(client, model_id, u, QUESTIONS[0], 1)) for u in own]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    records: list[dict] = []
+
+    def client_loop(c: int) -> None:
+        for r in range(requests):
+            url = own[c] if workload == "cached-image" else image_url(seed0 + 1000 * (r + 1) + c, size)
+            question = QUESTIONS[(c + r + (workload == "cached-image")) % len(QUESTIONS)]
+            records.append({"client": c, "turn": r, **one_request(client, model_id, url, question, max_tokens)})
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return records, time.perf_counter() - start
+
+
+def summarize_round(records: list[dict], wall_s: float) -> dict:
+    """Throughput and TTFT percentiles: of every request, and of the steady ones (each client's second
+    and later, which arrive as other answers finish rather than all at the round's start)."""
+    tokens = sum(r["completion_tokens"] for r in records)
+    steady = [r for r in records if r["turn"] > 0] or records
+    return {
+        "requests": len(records),
+        "completion_tokens": tokens,
+        "wall_s": wall_s,
+        "tokens_per_s": tokens / wall_s,
+        "ttft_p50_s": percentile([r["ttft_s"] for r in records], 0.5),
+        "ttft_p95_s": percentile([r["ttft_s"] for r in records], 0.95),
+        "steady_ttft_p50_s": percentile([r["ttft_s"] for r in steady], 0.5),
+        "steady_ttft_p95_s": percentile([r["ttft_s"] for r in steady], 0.95),
+        "server_queue_s_p95": percentile([r["server"]["queue_s"] or 0 for r in records], 0.95),
+        "server_prefill_s_median": percentile([r["server"]["prefill_s"] or 0 for r in records], 0.5),
+        "server_vision_s_median": percentile([r["server"]["vision_s"] or 0 for r in records], 0.5),
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank percentile (the median for q=0.5 of an even count is the mean of the middle two)."""
+    ordered = sorted(values)
+    if q == 0.5:
+        return statistics.median(ordered)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+def goals(curve: dict) -> dict:
+    """The issue's goals at 8 clients against 1: throughput, and TTFT (steady p95 within 2x one prefill)."""
+    one, eight = curve.get(1), curve.get(8)
+    if one is None or eight is None:
+        return {}
+    speedup = eight["tokens_per_s"] / one["tokens_per_s"]
+    steady = eight["steady_ttft_p95_s"] / one["ttft_p50_s"]
+    return {
+        "speedup_8_over_1": speedup,
+        "speedup_goal": GOAL_SPEEDUP,
+        "speedup_goal_met": speedup >= GOAL_SPEEDUP,
+        "ttft_p50_8_over_1": eight["ttft_p50_s"] / one["ttft_p50_s"],
+        "ttft_p95_8_over_1": eight["ttft_p95_s"] / one["ttft_p50_s"],
+        "steady_ttft_p95_8_over_1": steady,
+        "ttft_goal": GOAL_TTFT,
+        "ttft_goal_met": steady <= GOAL_TTFT,
+    }
+
+
+def plot(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for workload, data in results["workloads"].items():
+        counts = sorted(int(n) for n in data["curve"])
+        curve = [data["curve"][str(n)] for n in counts]
+        left.plot(counts, [c["tokens_per_s"] for c in curve], marker="o", label=workload)
+        right.plot(counts, [c["ttft_p50_s"] for c in curve], marker="o", label=f"{workload} p50")
+        right.plot(counts, [c["ttft_p95_s"] for c in curve], marker="x", linestyle="--", label=f"{workload} p95")
+        right.plot(counts, [c["steady_ttft_p95_s"] for c in curve], marker="^", linestyle=":",
+                   label=f"{workload} steady p95")  # fmt: skip
+    left.set(xscale="log", xlabel="concurrent clients", ylabel="completion tokens/s (all clients)", title="throughput")
+    right.set(xscale="log", xlabel="concurrent clients", ylabel="time to first token (s)", title="TTFT")
+    for axis in (left, right):
+        axis.set_xticks(counts, [str(n) for n in counts])
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(f"fastvlm-mlx serve, {results['config']['model_name']}")
+    figure.tight_layout()
+    with open(path, "xb") as out:  # new file only
+        figure.savefig(out, format="png", dpi=110)
+    plt.close(figure)
+    return path
+
+
+@click.command()
+@click.option("--synthetic", "size", default="0.5b", show_default=True, type=click.Choice(["0.5b", "1.5b", "7b"]))
+@click.option("--model", "model_dir", type=click.Path(exists=True), help="A converted model instead of --synthetic.")
+@click.option("--clients", default="1,2,4,8,16", show_default=True, help="Comma-separated client counts.")
+@click.option("--requests", default=3, show_default=True, type=click.IntRange(min=1), help="Per client, in turn.")
+@click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--image-size", default=1024, show_default=True, type=click.IntRange(min=64))
+@click.option(
+    "--workloads", default="fresh-image,cached-image", show_default=True, help="fresh-image, cached-image or both."
+)
+@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--models-dir", default="bench-results", show_default=True, type=click.Path(), help="Synthetic models.")
+@click.option("--out", "out_dir", default="docs/results", show_default=True, type=click.Path())
+def main(size, model_dir, clients, requests, max_tokens, image_size, workloads, max_batch, models_dir, out_dir):
+    """Throughput and TTFT of the server at rising numbers of concurrent clients."""
+    import openai
+
+    from bench.chat import word_tokenizer, write_new
+    from bench.sweep import environment
+    from fastvlm_mlx.engine import Engine
+    from fastvlm_mlx.load import load_model
+    from fastvlm_mlx.server import Limits, create_app
+
+    counts = [int(n) for n in clients.split(",") if n.strip()]
+    kinds = [w.strip() for w in workloads.split(",") if w.strip()]
+    if model_dir is None:
+        from bench.reference import synthetic_checkpoint
+
+        model_dir = word_tokenizer(synthetic_checkpoint(size, Path(models_dir))[1], Path(models_dir))
+        name = f"synthetic-{size}"
+    else:
+        name = Path(model_dir).name
+    model, tokenizer = load_model(model_dir)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=4 * max_batch)
+    engine.eos = []  # answers run to max_tokens (random weights would stop at random)
+    app = create_app(model, tokenizer, model_id=name, engine=engine, limits=Limits(timeout_s=3600))
+    results = {
+        "config": {"model": str(model_dir), "model_name": name},
+        "settings": dict(
+            clients=counts,
+            requests_per_client=requests,
+            max_tokens=max_tokens,
+            image_size=image_size,
+            max_batch=max_batch,
+            answers_run_to_max_tokens=True,
+        ),  # fmt: skip
+        "environment": environment(None),
+        "workloads": {},
+    }
+    with Server(app) as server:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", max_retries=0,
+                               timeout=3600)  # fmt: skip
+        run_round(client, name, 1, 1, "fresh-image", image_size, max_tokens, 999_000)  # warm-up, untimed
+        memory_before = mx.get_active_memory()
+        for n_workload, workload in enumerate(kinds):
+            curve, records = {}, {}
+            for n in counts:
+                seed0 = 100_000 * (n_workload + 1) + 1000 * n
+                recs, wall = run_round(client, name, n, requests, workload, image_size, max_tokens, seed0)
+                curve[str(n)], records[str(n)] = summarize_round(recs, wall), recs
+                click.echo(f"{workload:9s} {n:2d} clients: {json.dumps(curve[str(n)])}", err=True)
+            results["workloads"][workload] = {"curve": curve, "goals": goals({int(k): v for k, v in curve.items()}),
+                                              "requests": records}  # fmt: skip
+        mx.clear_cache()
+        results["memory"] = {"mlx_active_bytes_before": memory_before, "mlx_active_bytes_after": mx.get_active_memory()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = write_new(out, f"serve-load-{name}", results)
+    png = plot(results, path.with_suffix(".png"))
+    click.echo(json.dumps({w: d["goals"] for w, d in results["workloads"].items()}, indent=2))
+    click.echo(f"wrote {path}\nwrote {png}", err=True)
+
+
+if __name__ == "__main__":
+    main()
