@@ -201,12 +201,14 @@ class Engine:
         keep_ratio: float | None = None,
         keep_positions: bool = False,
         timeout_s: float | None = None,
+        received: float | None = None,
     ) -> Job:
         """A Job for `messages` about `picture`; bad values and prompts past the context are UserErrors.
+        `received` (a perf_counter time) is when the request arrived, where timings start.
 
         Pruned tokens keeping their positions (`keep_positions`, GAP) is not batched yet: the
         positions ride on a sequence's own KV cache, which the batch cache does not carry."""
-        received = time.perf_counter()
+        received = time.perf_counter() if received is None else received
         if keep_positions:
             raise UserError("keep_positions is not supported by batched decoding; leave it off for the server")
         check_sampling(temperature, top_p)

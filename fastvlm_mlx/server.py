@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
@@ -254,6 +254,7 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        received = time.perf_counter()
         authorize(request)
         body = await read_body(request, limits.max_body_bytes)
         chat = parse_request(body)
@@ -261,7 +262,7 @@ def create_app(
             raise ApiError(
                 400, f"unknown model {chat.model!r}; this server has {model_id!r}", "model", "model_not_found"
             )
-        job = await asyncio.to_thread(make_job, engine, chat, limits, allow_local_files)
+        job = await asyncio.to_thread(make_job, engine, chat, limits, allow_local_files, received)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         try:
             handle = engine.submit(job, on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
@@ -270,6 +271,9 @@ def create_app(
         reply = Reply(model_id, chat, handle, events)
         try:
             first = await reply.next_event(request)
+        except ClientGone:
+            handle.cancel()
+            return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
         except BaseException:
             handle.cancel()
             raise
@@ -279,6 +283,8 @@ def create_app(
             return StreamingResponse(reply.stream(first), media_type="text/event-stream")
         try:
             return await reply.whole(first, request)
+        except ClientGone:
+            return Response(status_code=499)
         finally:
             handle.cancel()  # a no-op once finished; frees the slot of a client that went away
 
@@ -313,7 +319,7 @@ def parse_request(body: bytes) -> ChatRequest:
         raise _validation_error(error) from None
 
 
-def make_job(engine: Engine, chat: ChatRequest, limits: Limits, allow_files: bool):
+def make_job(engine: Engine, chat: ChatRequest, limits: Limits, allow_files: bool, received: float):
     """Read the image and tokenize the prompt (off the event loop); bad input becomes an ApiError."""
     stop = [chat.stop] if isinstance(chat.stop, str) else (chat.stop or [])
     if len(stop) > limits.max_stop or not all(stop):
@@ -340,6 +346,7 @@ def make_job(engine: Engine, chat: ChatRequest, limits: Limits, allow_files: boo
             keep_ratio=options.keep_ratio,
             keep_positions=bool(options.keep_positions),
             timeout_s=limits.timeout_s,
+            received=received,
         )
     except (UserError, PrunerError) as error:
         raise ApiError(400, " ".join(str(error).split()), code="invalid_value") from None
@@ -350,6 +357,10 @@ def failure(failed: Failed) -> ApiError:
     return ApiError(status, failed.message, code=failed.kind)
 
 
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
 class Reply:
     """One request's answer, from the engine's events: a whole completion or SSE chunks."""
 
@@ -358,13 +369,13 @@ class Reply:
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     async def next_event(self, request: Request | None = None):
-        """The next event; a client that went away meanwhile ends the wait (CancelledError)."""
+        """The next event; a client that went away meanwhile ends the wait (ClientGone)."""
         while True:
             try:
                 return await asyncio.wait_for(self.events.get(), timeout=0.5)
             except TimeoutError:
                 if request is not None and await request.is_disconnected():
-                    raise asyncio.CancelledError from None
+                    raise ClientGone from None
 
     async def whole(self, event, request: Request) -> JSONResponse:
         while isinstance(event, Delta):

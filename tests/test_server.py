@@ -346,3 +346,17 @@ def test_the_load_bench_runs_and_writes_json_and_png(tmp_path, shipped_mlx):
         assert curve["8"]["completion_tokens"] == 8 * 2 * 3 and curve["1"]["tokens_per_s"] > 0
         assert {"speedup_8_over_1", "ttft_goal_met"} <= set(results["workloads"][workload]["goals"])
     assert (tmp_path / "serve-load-mlx.png").stat().st_size > 0
+
+
+def test_a_client_leaving_before_its_first_token_frees_its_slot(gated, pictures):
+    engine = gated.app.state.engine
+    body = {"model": MODEL, "messages": question(data_url(png(pictures[0])), "what?"), "max_tokens": 20000}
+    connection = http.client.HTTPConnection("127.0.0.1", gated.port, timeout=30)
+    connection.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    assert wait_for(lambda: engine.load()["in_engine"] == 1)
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    time.sleep(1.0)  # the server looks for a gone client twice a second
+    gated.gate.set()
+    assert wait_for(lambda: engine.load()["in_engine"] == 0, 5)
+    assert engine.stats["decode_steps"] < 5000
