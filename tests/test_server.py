@@ -352,7 +352,9 @@ def test_a_client_leaving_before_its_first_token_frees_its_slot(gated, pictures)
     engine = gated.app.state.engine
     body = {"model": MODEL, "messages": question(data_url(png(pictures[0])), "what?"), "max_tokens": 20000}
     connection = http.client.HTTPConnection("127.0.0.1", gated.port, timeout=30)
-    connection.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    connection.request(
+        "POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
+    )
     assert wait_for(lambda: engine.load()["in_engine"] == 1)
     connection.sock.shutdown(socket.SHUT_RDWR)
     connection.close()
