@@ -362,3 +362,30 @@ def test_a_client_leaving_before_its_first_token_frees_its_slot(gated, pictures)
     gated.gate.set()
     assert wait_for(lambda: engine.load()["in_engine"] == 0, 5)
     assert engine.stats["decode_steps"] < 5000
+
+
+def test_pruning_per_request_equals_generate_with_it(server, easyvqa, pictures):
+    prune = {"pruner": "divprune", "keep_ratio": 0.5}
+    messages = question(data_url(png(pictures[2])), QUESTIONS[1])
+    reply = server.client().chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=8, extra_body={"fastvlm": prune}
+    )
+    assert reply.choices[0].message.content == generate(*easyvqa, pictures[2], QUESTIONS[1], max_tokens=8, **prune).text
+    assert reply.model_extra["fastvlm"]["visual_tokens"] == {"before": 64, "after": 32}
+    got, data = server.post(json.dumps({"messages": messages, "fastvlm": {**prune, "keep_positions": True}}).encode())
+    assert got == 400 and "keep_positions" in data["error"]["message"]
+
+
+def test_local_files_only_when_allowed(easyvqa, pictures, tmp_path, expected):
+    (tmp_path / "shape.png").write_bytes(png(pictures[0]))
+    noise = np.random.default_rng(1).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "big.png")
+    app = create_app(*easyvqa, model_id=MODEL, allow_local_files=True, limits=LIMITS, engine=Engine(*easyvqa))
+    with Server(app) as local:
+        reply = local.client().chat.completions.create(
+            model=MODEL, messages=question(str(tmp_path / "shape.png"), QUESTIONS[0]), max_tokens=8
+        )
+        assert reply.choices[0].message.content == expected[0, QUESTIONS[0]].text
+        for name, status in (("big.png", 413), ("missing.png", 400)):
+            got, _ = local.post(json.dumps({"messages": question(str(tmp_path / name), "what?")}).encode())
+            assert got == status, name
