@@ -188,6 +188,7 @@ def plot(results: dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for workload, data in results["workloads"].items():
@@ -198,12 +199,16 @@ def plot(results: dict, path: Path) -> Path:
         right.plot(counts, [c["ttft_p95_s"] for c in curve], marker="x", linestyle="--", label=f"{workload} p95")
         right.plot(counts, [c["steady_ttft_p95_s"] for c in curve], marker="^", linestyle=":",
                    label=f"{workload} steady p95")  # fmt: skip
-    left.set(xscale="log", xlabel="concurrent clients", ylabel="completion tokens/s (all clients)", title="throughput")
-    right.set(xscale="log", xlabel="concurrent clients", ylabel="time to first token (s)", title="TTFT")
+    left.set(xlabel="concurrent clients", ylabel="completion tokens/s (all clients)", title="throughput")
+    right.set(yscale="log", xlabel="concurrent clients", ylabel="time to first token (s)", title="TTFT")
+    right.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    right.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
     for axis in (left, right):
+        axis.set_xscale("log", base=2)
         axis.set_xticks(counts, [str(n) for n in counts])
+        axis.xaxis.set_minor_locator(ticker.NullLocator())
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize=8)
     figure.suptitle(f"fastvlm-mlx serve, {results['config']['model_name']}")
     figure.tight_layout()
     with open(path, "xb") as out:  # new file only
