@@ -106,14 +106,21 @@ def evaluate_mlx(
     images_per_batch: int = 50,
     seed: int = 0,
     progress=None,
+    image_size: int | None = None,
+    keep_positions: bool = False,
 ) -> Scored:
     """Answer every question of `data` with the MLX runtime's own stages, batched by image:
-    encode the images, prune their tokens, project, splice each question after them and run
-    the LLM once over question + answer (right padding; causal attention leaves the real
-    positions untouched). `progress(n)` is told how many images were done."""
+    encode the images (resized to `image_size`, default the model's), prune their tokens,
+    project, splice each question after them and run the LLM once over question + answer (right
+    padding; causal attention leaves the real positions untouched). With `keep_positions`, the
+    kept visual tokens take the RoPE positions they had unpruned and the text continues from the
+    unpruned length (as `generate(..., keep_positions=True)`). `progress(n)` is told how many
+    images were done."""
     import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
 
     from fastvlm_mlx.features import prune_tokens
+    from fastvlm_mlx.model import carry_positions, gap_positions
     from pruners import needs_scores
 
     scored = needs_scores(pruner, keep_ratio)
@@ -126,9 +133,10 @@ def evaluate_mlx(
     predicted: list[tuple[int, ...]] = [()] * len(sequences)
     for start in range(0, len(images), images_per_batch):
         chunk = images[start : start + images_per_batch]
-        pixels = load_pixels([data.image_paths[i] for i in chunk], model.config.image_size)
+        pixels = load_pixels([data.image_paths[i] for i in chunk], image_size or model.config.image_size)
         tokens, scores = model.encode_image(mx.array(pixels.astype(np.float32) / 255.0), with_scores=scored)
-        image = model.project(prune_tokens(tokens, scores, pruner, keep_ratio, seed).tokens)
+        pruned = prune_tokens(tokens, scores, pruner, keep_ratio, seed)
+        image = model.project(pruned.tokens)
         questions = [q for i in chunk for q in groups[i]]
         slots = mx.array([n for n, i in enumerate(chunk) for _ in groups[i]])
         width = max(len(sequences[q]) for q in questions)
@@ -136,7 +144,15 @@ def evaluate_mlx(
         for row, q in enumerate(questions):
             ids[row, : len(sequences[q])] = sequences[q]
         rows = [mx.broadcast_to(prefix, (len(questions), *prefix.shape[1:])), image[slots], embed(mx.array(ids))]
-        logits = model.language_model(None, input_embeddings=mx.concatenate(rows, axis=1).astype(prefix.dtype))
+        cache = None
+        if keep_positions and pruner is not None:  # each question's row: its image's kept positions
+            kept = np.array(pruned.indices).tolist()
+            cache = make_prompt_cache(model.language_model)
+            carry_positions(
+                cache, [gap_positions(len(before), kept[n], tokens.shape[1], width) for n in np.array(slots)]
+            )
+        embeds = mx.concatenate(rows, axis=1).astype(prefix.dtype)
+        logits = model.language_model(None, cache=cache, input_embeddings=embeds)
         best = np.array(mx.argmax(logits, axis=-1))
         offset = prefix.shape[1] + image.shape[1] - 1  # position t predicts the token at t + 1
         for row, q in enumerate(questions):

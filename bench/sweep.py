@@ -25,7 +25,7 @@ from fastvlm_mlx.cpu import jit
 from fastvlm_mlx.cpu.private import cpu_info
 from fastvlm_mlx.errors import UserError, check_writable, naming
 from fastvlm_mlx.generate import generate
-from fastvlm_mlx.load import load_model, read_json
+from fastvlm_mlx.load import DEFAULT_MODEL, SHIPPED_MODELS, embedded_model, load_model, read_json
 from pruners import check
 
 FRAMEWORKS = ("mlx", "torch")
@@ -77,10 +77,11 @@ def make_settings(
     return settings + pruned
 
 
-def load_items(images: list[str], prompts: list[str], dataset: str | None) -> list[Item]:
-    """Images (files or folders) x prompts, or questions with answers from a dataset."""
+def load_items(images: list[str], prompts: list[str], dataset: str | None, workdir: Path | None = None) -> list[Item]:
+    """Images (files or folders) x prompts, or questions with answers from a dataset (the mosaic
+    test set is written into `workdir`)."""
     if dataset:
-        return dataset_items(dataset)
+        return dataset_items(dataset, workdir)
     files = []
     for entry in map(Path, images):
         if entry.is_dir():
@@ -94,8 +95,9 @@ def load_items(images: list[str], prompts: list[str], dataset: str | None) -> li
     return [Item(str(f), p) for f in files for p in prompts]
 
 
-def dataset_items(spec: str) -> list[Item]:
-    """`easy-vqa[:N]` (first N test questions) or a JSON list of {image, question, answer}, optionally `:N`."""
+def dataset_items(spec: str, workdir: Path | None = None) -> list[Item]:
+    """`easy-vqa[:N]` or `mosaic[:N]` (first N test questions; the mosaics are written to
+    workdir/mosaic-test) or a JSON list of {image, question, answer}, optionally `:N`."""
     name, limit = spec, None
     if not Path(spec).is_file() and ":" in spec:
         name, count = spec.rsplit(":", 1)
@@ -110,10 +112,18 @@ def dataset_items(spec: str) -> list[Item]:
         questions, answers, image_ids = easy_vqa.get_test_questions()
         paths = easy_vqa.get_test_image_paths()
         items = [Item(paths[i], q, a) for q, a, i in zip(questions, answers, image_ids, strict=True)]
+    elif name == "mosaic" and not Path(name).is_file():
+        from bench.mosaic import write_test_set
+
+        folder = Path(workdir or ".") / "mosaic-test"
+        with naming(folder):
+            items = json_items(write_test_set(folder, questions=limit))
     elif Path(name).is_file():
         items = json_items(Path(name))
     else:
-        raise UserError(f"unknown dataset {spec!r}; use easy-vqa[:N] or a JSON list of image/question/answer")
+        raise UserError(
+            f"unknown dataset {spec!r}; use easy-vqa[:N], mosaic[:N] or a JSON list of image/question/answer"
+        )
     return items[:limit]
 
 
@@ -249,13 +259,13 @@ def run_bench(
         reference, model_dir = map(str, synthetic_checkpoint(synthetic, workdir))
         images = images or [str(noise_image(workdir / "bench-image.png"))]
         prompts = prompts or [SYNTHETIC_PROMPT]
-    if model_dir is None:  # the embedded easy-VQA model, its transformers checkpoint as the reference
-        from fastvlm_mlx.load import embedded_model
-
-        model_dir, reference = str(embedded_model("mlx")), reference or str(embedded_model("hf"))
+    if model_dir is None or (model_dir in SHIPPED_MODELS and not Path(model_dir).is_dir()):
+        # a shipped model (easy-VQA by default), its transformers checkpoint as the reference
+        name = model_dir or DEFAULT_MODEL
+        model_dir, reference = str(embedded_model("mlx", name)), reference or str(embedded_model("hf", name))
     if "torch" in frameworks and reference is None:
         raise UserError("--frameworks torch needs --reference SRC (the checkpoint the MLX model came from)")
-    items = load_items(images, prompts or [DEFAULT_PROMPT], dataset)
+    items = load_items(images, prompts or [DEFAULT_PROMPT], dataset, workdir)
     model, tokenizer = load_model(model_dir)
     model.set_dtype(MX_DTYPES[dtype])
     keep_positions = model.config.keep_positions if keep_positions is None else keep_positions

@@ -14,6 +14,7 @@ merge of the grid, not only from all of it. About 36 minutes on a 2-core x86 CPU
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
@@ -75,16 +76,36 @@ class Batches:
     def make(self, images: list[int]) -> dict[str, torch.Tensor]:
         questions = [q for i in images for q in self.by_image[i]]
         local = {image: n for n, image in enumerate(images)}
-        width = max(len(self.sequences[q]) for q in questions)
-        ids = torch.full((len(questions), width), self.pad)
-        target = torch.zeros((len(questions), width), dtype=torch.bool)  # tokens to predict
-        for row, q in enumerate(questions):
-            seq = self.sequences[q]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            target[row, len(seq) - self.lengths[q] : len(seq)] = True
-        pixels = self.pixels[images].permute(0, 3, 1, 2).float() / 255.0
-        slots = torch.tensor([local[int(self.slots[q])] for q in questions])
-        return dict(pixels=pixels, slots=slots, ids=ids, target=target, questions=torch.tensor(questions))
+        slots = [local[int(self.slots[q])] for q in questions]
+        batch = pack_batch(
+            self.pixels[images],
+            slots,
+            [self.sequences[q] for q in questions],
+            [self.lengths[q] for q in questions],
+            self.pad,
+        )
+        return dict(batch, questions=torch.tensor(questions))
+
+    def epochs(self, rng: np.random.Generator) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of IMAGES_PER_BATCH whole images, each epoch in a new order of `rng`, without end."""
+        while True:
+            order = rng.permutation(sorted(self.by_image))
+            for i in range(0, len(order), IMAGES_PER_BATCH):
+                yield self.make([int(x) for x in order[i : i + IMAGES_PER_BATCH]])
+
+
+def pack_batch(
+    pixels: torch.Tensor, slots: list[int], sequences: list[list[int]], lengths: list[int], pad: int
+) -> dict[str, torch.Tensor]:
+    """A training batch: pixels (B, S, S, 3) uint8 as NCHW floats, and per question its image's
+    slot in `pixels`, its ids after the image right-padded with `pad`, and the answer positions."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad)
+    target = torch.zeros((len(sequences), width), dtype=torch.bool)  # tokens to predict
+    for row, (seq, n) in enumerate(zip(sequences, lengths, strict=True)):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        target[row, len(seq) - n : len(seq)] = True
+    return dict(pixels=pixels.permute(0, 3, 1, 2).float() / 255.0, slots=torch.tensor(slots), ids=ids, target=target)
 
 
 def answer_logits(
@@ -159,48 +180,75 @@ def load_images(data: easyvqa.Split) -> tuple[np.ndarray, dict[int, int]]:
     return easyvqa.load_pixels([data.image_paths[i] for i in ids], IMAGE_SIZE), {i: n for n, i in enumerate(ids)}
 
 
-def write_processor_config(directory: Path) -> None:
-    """A transformers image processor that resizes and centre-crops to IMAGE_SIZE, no normalisation."""
+def write_processor_config(directory: Path, side: int = IMAGE_SIZE) -> None:
+    """A transformers image processor that resizes and centre-crops to `side`, no normalisation."""
     from transformers import CLIPImageProcessor
 
-    size = dict(height=IMAGE_SIZE, width=IMAGE_SIZE)
-    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=size, do_normalize=False).save_pretrained(
-        directory
-    )
+    size = dict(height=side, width=side)
+    CLIPImageProcessor(size={"shortest_edge": side}, crop_size=size, do_normalize=False).save_pretrained(directory)
+
+
+def save_source(model, tokenizer, hf_dir: Path, side: int) -> None:
+    """The transformers checkpoint with its tokenizer and processor config."""
+    save_checkpoint(model, tokenizer, hf_dir, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    write_processor_config(hf_dir, side)
+
+
+def save_and_convert(model, tokenizer, out: Path, side: int) -> None:
+    """OUT/hf: the transformers checkpoint (`save_source`); OUT/mlx: its conversion."""
+    save_source(model, tokenizer, out / "hf", side)
+    convert(out / "hf", out / "mlx", force=True)
 
 
 def run_phase(model, batches: Batches, steps: int, lr: float, warmup: int, rng, prune_rng=None, label="") -> None:
-    """`steps` AdamW steps on batches of whole images in `rng`'s order, cosine learning rate;
-    with `prune_rng`, each step's vision tokens are pruned as `pruning_for` draws."""
+    """`steps` AdamW steps on batches of whole images in `rng`'s order (see `optimize`)."""
     per_epoch = math.ceil(len(batches.by_image) / IMAGES_PER_BATCH)
+    optimize(model, batches.before, batches.epochs(rng), steps, lr, warmup, prune_rng, label, per_epoch)
+
+
+def optimize(
+    model,
+    before: list[int],
+    batches: Iterator[dict[str, torch.Tensor]],
+    steps: int,
+    lr: float,
+    warmup: int,
+    prune_rng: np.random.Generator | None = None,
+    label: str = "",
+    per_epoch: int | None = None,
+    log_every: int = 50,
+    check: Callable[[int], None] | None = None,
+    check_every: int = 0,
+) -> None:
+    """`steps` AdamW steps, one per batch of `batches`, cosine learning rate after `warmup`; with
+    `prune_rng`, each step's vision tokens are pruned as `pruning_for` draws. Logs loss and
+    teacher-forced train accuracy every `log_every` steps (and epochs when `per_epoch` is given);
+    calls `check(step)` every `check_every` steps and after the last."""
     optimizer = optimizer_for(model, lr, weight_decay=0.05)
-    started, step, loss_sum, hit_sum, seen = time.perf_counter(), 0, 0.0, 0, 0
-    while step < steps:
-        order = rng.permutation(sorted(batches.by_image))
-        for i in range(0, len(order), IMAGES_PER_BATCH):
-            if step >= steps:
-                break
-            batch = batches.make([int(x) for x in order[i : i + IMAGES_PER_BATCH]])
-            pruner, keep_ratio = pruning_for(prune_rng) if prune_rng else (None, 1.0)
-            logits, tokens = answer_logits(model, batches.before, batch, pruner, keep_ratio, seed=step)
-            loss = torch.nn.functional.cross_entropy(logits, tokens)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, steps, lr, warmup)
-            optimizer.step()
-            step += 1
-            loss_sum += float(loss.detach())
-            hit_sum += int(exact_matches(logits.detach(), tokens, batch["target"]).sum())
-            seen += len(batch["ids"])
-            if step % 50 == 0 or step == steps:
-                elapsed = time.perf_counter() - started
-                click.echo(
-                    f"{label}step {step}/{steps}  epoch {step / per_epoch:.2f}  loss {loss_sum / 50:.4f}  "
-                    f"train acc {hit_sum / seen:.3f}  {elapsed / 60:.1f} min"
-                )
-                loss_sum, hit_sum, seen = 0.0, 0, 0
+    started, loss_sum, hit_sum, seen, logged = time.perf_counter(), 0.0, 0, 0, 0
+    for step, batch in zip(range(1, steps + 1), batches, strict=False):
+        pruner, keep_ratio = pruning_for(prune_rng) if prune_rng else (None, 1.0)
+        logits, tokens = answer_logits(model, before, batch, pruner, keep_ratio, seed=step - 1)
+        loss = torch.nn.functional.cross_entropy(logits, tokens)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step - 1, steps, lr, warmup)
+        optimizer.step()
+        loss_sum += float(loss.detach())
+        hit_sum += int(exact_matches(logits.detach(), tokens, batch["target"]).sum())
+        seen += len(batch["ids"])
+        if step % log_every == 0 or step == steps:
+            elapsed = time.perf_counter() - started
+            epoch = f"  epoch {step / per_epoch:.2f}" if per_epoch else ""
+            click.echo(
+                f"{label}step {step}/{steps}{epoch}  loss {loss_sum / (step - logged):.4f}  "
+                f"train acc {hit_sum / seen:.3f}  {elapsed / 60:.1f} min"
+            )
+            loss_sum, hit_sum, seen, logged = 0.0, 0, 0, step
+        if check and (step == steps or (check_every and step % check_every == 0)):
+            check(step)
 
 
 def train(out: Path, epochs: int, prune_epochs: int, seed: int, max_steps: int | None) -> Path:
@@ -231,9 +279,7 @@ def train(out: Path, epochs: int, prune_epochs: int, seed: int, max_steps: int |
         accuracy = evaluate(model, test_batches, pruner, keep_ratio).accuracy
         setting = f"{pruner or 'unpruned'} {keep_ratio:g}"
         click.echo(f"test accuracy, {setting} (torch, teacher-forced = greedy): {accuracy:.4f}")
-    save_checkpoint(model, tokenizer, hf_dir, tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    write_processor_config(hf_dir)
-    convert(hf_dir, mlx_dir, force=True)
+    save_and_convert(model, tokenizer, out, IMAGE_SIZE)
     click.echo(f"wrote {hf_dir} and {mlx_dir} in {(time.perf_counter() - started) / 60:.1f} min")
     return out
 

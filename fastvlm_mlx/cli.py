@@ -79,7 +79,7 @@ SEED = click.IntRange(0, 2**64 - 1)  # MLX seeds are unsigned 64-bit
 SAMPLING_SEED = click.option("--seed", default=None, type=SEED, help="Random seed for sampling and the random pruner.")
 MODEL_HELP = (
     "Converted model folder, checkpoint folder (converted once, then cached) or Hugging Face repo id "
-    "such as apple/FastVLM-0.5B (default: the embedded easy-VQA model)."
+    "such as apple/FastVLM-0.5B, or a shipped model: easyvqa (the default), mosaic, mosaic-tuned."
 )
 IMAGE_HELP = "Image file (any format PIL reads), or an http(s) or data: URL."
 IMAGE_SIZE = click.option(
@@ -374,8 +374,8 @@ def _split(text: str, kind=str) -> list:
     "--model",
     "model_dir",
     type=click.Path(),
-    help="Converted MLX model directory (default: the embedded easy-VQA model). "
-    "With neither, its hf/ is the reference.",
+    help="Converted MLX model directory, or a shipped model: easyvqa (the default), mosaic, mosaic-tuned. "
+    "Without --reference, a shipped model's hf/ is the reference.",
 )
 @click.option("--reference", type=click.Path(), help="The transformers or Apple checkpoint MODEL came from.")
 @click.option(
@@ -384,7 +384,9 @@ def _split(text: str, kind=str) -> list:
 @click.option("--image", "images", multiple=True, type=click.Path(), help="Image file or folder (repeatable).")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt (repeatable); - reads one from stdin.")
 @click.option("--prompt-file", "prompt_files", multiple=True, type=click.Path(), help="Prompt from a UTF-8 file.")
-@click.option("--dataset", help="easy-vqa[:N] or a JSON list of {image, question, answer}: adds answer accuracy.")
+@click.option(
+    "--dataset", help="easy-vqa[:N], mosaic[:N] or a JSON list of {image, question, answer}: adds answer accuracy."
+)
 @click.option("--pruners", default="all", show_default=True, help="Comma-separated pruner names, or all, or none.")
 @click.option("--keep-ratios", default="0.5,0.25", show_default=True, help="Comma-separated keep ratios in (0, 1].")
 @click.option("--image-sizes", default="", help="Extra unpruned input sizes, e.g. 768,512.")

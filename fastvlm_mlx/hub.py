@@ -1,7 +1,8 @@
 """Models the way users have them: a converted folder, a checkpoint folder, or a Hugging Face repo id.
 
 `resolve_model(path_or_id)` gives the converted folder that `load_model` reads:
-- None: the shipped easy-VQA model;
+- None: the shipped easy-VQA model; a shipped model's name (`mosaic`, see load.SHIPPED_MODELS):
+  that model, unless a folder of that name exists (a path always means the folder);
 - a converted folder (config.json with model_type fastvlm_mlx): itself;
 - a checkpoint folder (Apple's `llava_qwen2`, transformers' `fast_vlm`, or an mlx-community folder
   written by mlx-vlm): converted once into the model cache and reused while its files are unchanged;
@@ -26,7 +27,7 @@ from pathlib import Path
 from fastvlm_mlx import __version__
 from fastvlm_mlx.cpu.private import existing_ancestor, safe_path
 from fastvlm_mlx.errors import UserError, naming
-from fastvlm_mlx.load import SIDE_FILES, embedded_model, load_model
+from fastvlm_mlx.load import SHIPPED_MODELS, SIDE_FILES, embedded_model, load_model
 
 SOURCE_TYPES = ("llava_qwen2", "fast_vlm")
 # What a checkpoint repo holds that the converter reads (no .bin pickles, archives or Core ML packages).
@@ -38,7 +39,8 @@ HASH_CHUNK = 1 << 24
 
 def load(path_or_id: str | Path | None = None, *, dtype: str = "float32"):
     """(model, tokenizer) from a converted folder, a checkpoint folder (converted once, cached), a
-    Hugging Face repo id (`apple/FastVLM-0.5B`), or, with no argument, the shipped easy-VQA model."""
+    Hugging Face repo id (`apple/FastVLM-0.5B`), a shipped model's name (`"mosaic"`), or, with no
+    argument, the shipped easy-VQA model."""
     return load_model(resolve_model(path_or_id, dtype=dtype))
 
 
@@ -49,9 +51,14 @@ def resolve_model(path_or_id: str | Path | None, *, dtype: str = "float32") -> P
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return _converted(path, dtype)
+    if isinstance(path_or_id, str) and path_or_id in SHIPPED_MODELS:
+        return embedded_model(name=path_or_id)
     if isinstance(path_or_id, str) and REPO_ID.fullmatch(path_or_id) and ".." not in path_or_id:
         return _converted(download(path_or_id), dtype)
-    raise UserError(f"no model folder {path_or_id} (and it is not a Hugging Face repo id like apple/FastVLM-0.5B)")
+    raise UserError(
+        f"no model folder {path_or_id} (and it is neither a shipped model, {', '.join(SHIPPED_MODELS)}, "
+        "nor a Hugging Face repo id like apple/FastVLM-0.5B)"
+    )
 
 
 def _converted(folder: Path, dtype: str) -> Path:

@@ -37,16 +37,25 @@ SIDE_FILES = (  # the tokenizer's files and generation settings, kept beside the
     "generation_config.json",
 )
 RECONVERT = "re-run `fastvlm-mlx convert` to write it again"
-# The small easy-VQA model that ships with the package (bench/train_easyvqa.py makes it):
-# mlx/ is the converted model, hf/ the transformers checkpoint it came from.
-EMBEDDED_MODEL = Path(__file__).parent / "models" / "easyvqa"
+# The small models that ship with the package, by the name `--model` and `load()` take; each
+# folder's mlx/ is the converted model, hf/ the transformers checkpoint it came from.
+SHIPPED_MODELS = {
+    "easyvqa": "the easy-VQA model (bench/train_easyvqa.py)",
+    "mosaic": "the mosaic testbed model, trained on all tokens (bench/train_mosaic.py)",
+    "mosaic-tuned": "the mosaic model after a pruning-aware fine-tune (bench/train_mosaic.py --tuned-out)",
+}
+DEFAULT_MODEL = "easyvqa"
+MODELS_FOLDER = Path(__file__).parent / "models"
+EMBEDDED_MODEL = MODELS_FOLDER / DEFAULT_MODEL
 
 
-def embedded_model(part: str = "mlx") -> Path:
-    """The shipped model's converted directory ("mlx") or its transformers source ("hf")."""
-    path = EMBEDDED_MODEL / part
+def embedded_model(part: str = "mlx", name: str = DEFAULT_MODEL) -> Path:
+    """A shipped model's converted directory ("mlx") or its transformers source ("hf")."""
+    if name not in SHIPPED_MODELS:
+        raise UserError(f"no shipped model {name!r}; the shipped models are {', '.join(SHIPPED_MODELS)}")
+    path = MODELS_FOLDER / name / part
     if not (path / "config.json").is_file():
-        raise UserError(f"the embedded easy-VQA model is missing from this install ({path}); pass --model DIR")
+        raise UserError(f"the shipped {name} model is missing from this install ({path}); pass --model DIR")
     return path
 
 

@@ -1,0 +1,198 @@
+"""Train the mosaic FastVLM from scratch on all tokens, convert it, and score it on the mosaic test set.
+
+    python -m bench.train_mosaic --out fastvlm_mlx/models/mosaic --tuned-out fastvlm_mlx/models/mosaic-tuned
+
+writes OUT/hf and OUT/mlx like bench/train_easyvqa.py (whose training loop this reuses): a
+FastViT-MCi tower of stride 16 on 256x256 input (the runtime upscales the 128x128 mosaic),
+so 16x16 = 256 visual tokens as FastViTHD gives at 1024x1024, a projector and a small Qwen2.
+Trained normally, every step on all tokens, like Apple's checkpoints; the mosaics are drawn
+fresh for every step from easy-VQA's train images (bench/mosaic.py). With --tuned-out, a short
+pruning-aware fine-tune of the same model (easy-VQA's phase 2 recipe) is written there too.
+Accuracies (MLX, greedy, the full mosaic test set) per question type go to --results.
+"""
+
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+import fastvlm_mlx  # noqa: F401  (preloads the BLAS before anything imports mlx)
+from bench import easyvqa, mosaic
+from bench.synthetic import build_reference, make_tokenizer
+from bench.train_easyvqa import answer_logits, optimize, pack_batch, save_source
+from convert.convert import convert
+from fastvlm_mlx.prompt import SYSTEM_PROMPT
+
+IMAGE_SIZE = 256
+# The easy-VQA tower (fastvit_mci3 shape, one block per stage, stride 16) at twice the input side.
+VISION_ARGS = dict(
+    layers=(1, 1, 1, 1, 1),
+    embed_dims=(32, 64, 64, 128, 128),
+    downsamples=(False, True, False, True, False),
+)
+TEXT_ARGS = dict(
+    hidden_size=128,
+    num_hidden_layers=2,
+    intermediate_size=384,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+)
+VOCAB_SIZE = 400
+MOSAICS_PER_BATCH = 4  # each with all of its questions (a step's time grows with it: more, smaller steps)
+LR, TUNE_LR = 1e-3, 2e-4
+VALIDATION_MOSAICS = 64  # train-split mosaics of another seed, scored during training
+
+
+class Questions:
+    """Token ids of every question/answer pair the templates can make, tokenized once."""
+
+    def __init__(self, tokenizer):
+        palette = mosaic.colors()
+        pairs = [(q, a) for q in mosaic.every_question_text(palette) for a in mosaic.every_answer(palette)]
+        every = easyvqa.Split([q for q, _ in pairs], [a for _, a in pairs], [0] * len(pairs), {})
+        self.before, sequences, lengths = easyvqa.answer_sequences(tokenizer, every)
+        self.ids = {pair: (seq, n) for pair, seq, n in zip(pairs, sequences, lengths, strict=True)}
+        self.pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+    def batch(self, drawn: list[tuple[mosaic.Mosaic, list[mosaic.Question]]]) -> dict[str, torch.Tensor]:
+        pixels = torch.from_numpy(np.stack([mosaic.model_pixels(m.pixels, IMAGE_SIZE) for m, _ in drawn]))
+        rows = [(n, self.ids[q.text, q.answer]) for n, (_, questions) in enumerate(drawn) for q in questions]
+        return pack_batch(pixels, [n for n, _ in rows], [s for _, (s, _) in rows], [k for _, (_, k) in rows], self.pad)
+
+
+def build_tokenizer(directory: Path):
+    """Byte-level BPE over every templated question and answer and the chat roles."""
+    palette = mosaic.colors()
+    texts = [
+        f"system\n{SYSTEM_PROMPT}\nuser\n\n{q}\nassistant\n{a}"
+        for q in mosaic.every_question_text(palette)
+        for a in mosaic.every_answer(palette)
+    ]
+    return make_tokenizer(directory, texts, vocab_size=VOCAB_SIZE)
+
+
+def training_batches(questions: Questions, rng: np.random.Generator) -> Iterator[dict[str, torch.Tensor]]:
+    """Fresh train-split mosaics for every step, without end."""
+    cells, palette = mosaic.load_cells("train"), mosaic.colors()
+    while True:
+        drawn = []
+        for _ in range(MOSAICS_PER_BATCH):
+            m = mosaic.make_mosaic(cells, rng)
+            drawn.append((m, mosaic.ask(m, rng, palette)))
+        yield questions.batch(drawn)
+
+
+@torch.no_grad()
+def torch_accuracy(model, questions: Questions, drawn) -> dict[str, float]:
+    """Teacher-forced greedy accuracy of the PyTorch model per question type, and overall."""
+    model.eval()
+    kinds, hits = [], []
+    for start in range(0, len(drawn), 32):
+        chunk = drawn[start : start + 32]
+        batch = questions.batch(chunk)
+        logits, tokens = answer_logits(model, questions.before, batch)
+        right = torch.zeros(batch["target"].shape, dtype=torch.bool)
+        right[batch["target"]] = logits.argmax(-1) == tokens
+        hits += (right | ~batch["target"]).all(dim=1).tolist()
+        kinds += [q.kind for _, qs in chunk for q in qs]
+    model.train()
+    return by_type(kinds, hits)
+
+
+def by_type(kinds: list[str], hits) -> dict[str, float]:
+    hits = np.asarray(hits, dtype=bool)
+    table = {"all": float(hits.mean())}
+    for kind in mosaic.QUESTION_TYPES:
+        chosen = np.array([k == kind for k in kinds])
+        table[kind] = float(hits[chosen].mean()) if chosen.any() else float("nan")
+    return table
+
+
+def mlx_accuracy(model_dir: Path, split: easyvqa.Split, kinds: list[str]) -> dict[str, float]:
+    """Greedy accuracy (batched teacher forcing = greedy) of the converted model, per question type."""
+    from fastvlm_mlx.load import load_model
+
+    model, tokenizer = load_model(model_dir)
+    return by_type(kinds, easyvqa.evaluate_mlx(model, tokenizer, split).correct)
+
+
+def shown(table: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in table.items())
+
+
+def train(out: Path, tuned_out: Path | None, steps: int, tune_steps: int, seed: int, results: Path | None) -> dict:
+    torch.manual_seed(seed)
+    rng, prune_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
+    started = time.perf_counter()
+    (out / "hf").mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out / "hf")
+    questions = Questions(tokenizer)
+    validation = mosaic.draw("train", VALIDATION_MOSAICS, seed + 2)
+    text_args = dict(TEXT_ARGS, vocab_size=len(tokenizer))
+    model = build_reference(VISION_ARGS, text_args, tokenizer.convert_tokens_to_ids("<image>"), seed=seed).train()
+    click.echo(f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(tokenizer)} tokens")
+
+    def check(step: int) -> None:
+        minutes = (time.perf_counter() - started) / 60
+        click.echo(
+            f"step {step}/{steps}  {minutes:.1f} min  validation: {shown(torch_accuracy(model, questions, validation))}"
+        )
+
+    batches = training_batches(questions, rng)
+    optimize(model, questions.before, batches, steps, LR, min(300, steps // 10), check=check, check_every=steps // 10)
+    model.eval()
+    save_source(model, tokenizer, out / "hf", IMAGE_SIZE)  # torch only until both models are saved
+    record = dict(seed=seed, steps=steps, mosaics_per_batch=MOSAICS_PER_BATCH, lr=LR)
+    record["train_minutes"] = (time.perf_counter() - started) / 60
+    models = {"normal": out}
+    if tuned_out is not None:
+        model.train()
+        warmup = min(100, tune_steps // 10)
+        optimize(model, questions.before, batches, tune_steps, TUNE_LR, warmup, prune_rng, "pruned: ")
+        model.eval()
+        save_source(model, tokenizer, tuned_out / "hf", IMAGE_SIZE)
+        record["tune_steps"], record["tune_minutes"] = (
+            tune_steps,
+            (time.perf_counter() - started) / 60 - record["train_minutes"],
+        )
+        models["tuned"] = tuned_out
+    with tempfile.TemporaryDirectory() as folder:
+        split, kinds = mosaic.read_test_set(mosaic.write_test_set(Path(folder)))
+        record["test_questions"] = len(kinds)
+        for name, folder_out in models.items():
+            convert(folder_out / "hf", folder_out / "mlx", force=True)
+            record[name] = mlx_accuracy(folder_out / "mlx", split, kinds)
+            click.echo(f"{name} model ({folder_out}), full test set, MLX greedy, all tokens: {shown(record[name])}")
+    record["total_minutes"] = (time.perf_counter() - started) / 60
+    click.echo(f"wrote {out} in {record['total_minutes']:.1f} min")
+    if results is not None:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(record, indent=2))
+    return record
+
+
+@click.command()
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Writes OUT/hf and OUT/mlx.")
+@click.option("--tuned-out", type=click.Path(path_type=Path), default=None, help="Also fine-tune pruning-aware, here.")
+@click.option("--steps", default=6000, show_default=True, help="Steps on all tokens, 4 fresh mosaics each.")
+@click.option("--tune-steps", default=500, show_default=True, help="Pruning-aware steps (with --tuned-out).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--results", type=click.Path(path_type=Path), default=None, help="Write the accuracies as JSON here.")
+@click.option("--threads", default=1, show_default=True, help="Torch threads (1 copes best with a busy CPU).")
+def main(out: Path, tuned_out: Path | None, steps: int, tune_steps: int, seed: int, results: Path | None, threads: int):
+    """Train the mosaic FastVLM from scratch, convert it to MLX, and score it on the mosaic test set."""
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # denormal floats would slow the CPU kernels as weights shrink
+    click.echo(f"started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    train(out, tuned_out, steps, tune_steps, seed, results)
+    click.echo(f"ended {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+
+
+if __name__ == "__main__":
+    main()
