@@ -99,7 +99,10 @@ class Handle:
         self.cancelled = False
 
     def emit(self, event: Event) -> None:
-        (self._on_event or self.events.put)(event)
+        try:
+            (self._on_event or self.events.put)(event)
+        except RuntimeError:  # the receiver's event loop is closed: nobody is listening
+            self.cancel()
 
     def cancel(self) -> None:
         if not self.cancelled:
@@ -273,14 +276,13 @@ class Engine:
     def _run(self) -> None:
         self._generator = self._new_generator()
         while self._take_inbox(block=not (self._waiting or self._prefilling or self._decoding)):
-            self._expire()
-            self._admit()
-            if self._prefilling:
-                self._guarded(self._prefilling[0], self._prefill_step)
-            if self._decoding:
-                self._decode_step()
-            if not (self._waiting or self._prefilling or self._decoding):
-                mx.clear_cache()  # idle: hand the freed buffers back
+            try:
+                self._step()
+            except Exception:  # a bug of ours: every request in flight fails, the worker goes on
+                traceback.print_exc(file=sys.stderr)
+                self._generator = self._new_generator()  # first: failing a slot removes it from the generator
+                for slot in self._slots():
+                    self._fail(slot, "internal error; see the server log", "server")
         for slot in self._slots():
             self._fail(slot, "the server is shutting down", "server")
         self._generator.close()
@@ -288,6 +290,17 @@ class Engine:
         # Parked, never ended: MLX's per-thread compile cache releases Python objects when a thread
         # ends, and a thread ending while the interpreter shuts down aborts the process.
         threading.Event().wait()
+
+    def _step(self) -> None:
+        """One turn of the loop: timeouts, admissions, one prefill step, one decode step."""
+        self._expire()
+        self._admit()
+        if self._prefilling:
+            self._guarded(self._prefilling[0], self._prefill_step)
+        if self._decoding:
+            self._decode_step()
+        if not (self._waiting or self._prefilling or self._decoding):
+            mx.clear_cache()  # idle: hand the freed buffers back
 
     def _new_generator(self) -> BatchGenerator:
         size = self.max_batch
@@ -414,9 +427,9 @@ class Engine:
             _, responses = self._generator.next()
         except Exception:
             traceback.print_exc(file=sys.stderr)
+            self._generator = self._new_generator()
             for slot in list(self._decoding.values()):
                 self._fail(slot, "internal error while decoding; see the server log", "server")
-            self._generator = self._new_generator()
             return
         self.stats["decode_steps"] += 1
         for response in responses:
@@ -449,6 +462,7 @@ class Engine:
             cache, tokens = self._generator.extract_cache([slot.uid])[slot.uid]
         else:
             cache, tokens = response.prompt_cache, response.all_tokens
+        mx.eval([(c.keys, c.values) for c in cache])  # its own copy, not a view holding the batch's buffers
         self.prompt_cache.insert_cache(slot.features.key, list(tokens), cache)
         if stop_at < 0:
             self._remember_answer(slot.text, slot.token_ids)

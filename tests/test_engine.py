@@ -153,3 +153,22 @@ def test_events_go_to_a_callback_on_the_worker(engine, pictures):
 
     engine.submit(engine.prepare(pictures[0], user("what?"), max_tokens=3), on_event=on_event)
     assert done.wait(30) and set(seen) == {"fastvlm-engine"}
+
+
+def test_a_bug_while_decoding_fails_the_requests_in_flight_and_the_engine_goes_on(easyvqa, pictures, monkeypatch):
+    from mlx_lm.generate import BatchGenerator
+
+    real, calls = BatchGenerator.next, []
+
+    def broken_once(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return real(self)
+
+    monkeypatch.setattr(BatchGenerator, "next", broken_once)
+    with Engine(*easyvqa) as engine:
+        failed = ask(engine, pictures[0], user("what?"), max_tokens=3)[-1]
+        assert isinstance(failed, Failed) and failed.kind == "server"
+        assert isinstance(ask(engine, pictures[0], user("what?"), max_tokens=3)[-1], Finished)
+        assert engine.load()["in_engine"] == 0
