@@ -172,3 +172,10 @@ def test_a_bug_while_decoding_fails_the_requests_in_flight_and_the_engine_goes_o
         assert isinstance(failed, Failed) and failed.kind == "server"
         assert isinstance(ask(engine, pictures[0], user("what?"), max_tokens=3)[-1], Finished)
         assert engine.load()["in_engine"] == 0
+
+
+def test_a_system_message_is_honoured_as_generate_does(easyvqa, engine, pictures):
+    messages = [{"role": "system", "content": "You answer with one word."}, *user(QUESTIONS[1])]
+    done = ask(engine, pictures[1], messages, max_tokens=8)[-1]
+    expected = generate(*easyvqa, pictures[1], messages, max_tokens=8)
+    assert done.text == expected.text and done.prompt_tokens == expected.prompt_tokens
