@@ -236,12 +236,16 @@ class Engine:
     def submit(self, job: Job, on_event: Callable[[Event], None] | None = None) -> Handle:
         """Queue `job`; its events go to `on_event` (called on the worker thread) or the handle's queue."""
         with self._count_lock:
-            if self._in_engine >= self.max_batch + self.max_queue:
+            if self.full():
                 raise QueueFull(f"{self._in_engine} requests are in progress or waiting; retry later")
             self._in_engine += 1
         handle = Handle(self, on_event)
         self._inbox.put(("job", _Slot(job, handle, self.tokenizer)))
         return handle
+
+    def full(self) -> bool:
+        """Whether `submit` would refuse a job now (a cheap check before preparing one)."""
+        return self._in_engine >= self.max_batch + self.max_queue
 
     def load(self) -> dict:
         """How busy the engine is (read without locking: a snapshot for /health)."""

@@ -256,6 +256,8 @@ def create_app(
     async def chat_completions(request: Request):
         received = time.perf_counter()
         authorize(request)
+        if engine.full():  # before reading and decoding what would be refused anyway
+            raise ApiError(429, "the server is busy; retry later", code="queue_full")
         body = await read_body(request, limits.max_body_bytes)
         chat = parse_request(body)
         if chat.model not in (None, "", model_id):
