@@ -43,7 +43,7 @@ from fastvlm_mlx.model import FastVLM
 from fastvlm_mlx.prompt import as_messages
 from pruners import PrunerError
 
-DECODE_CHUNK = 128  # prompt positions prefilled between two decode steps while others decode
+INTERLEAVED_CHUNK = 128  # prompt positions prefilled between two decode steps while others decode
 
 
 class QueueFull(Exception):
@@ -165,7 +165,7 @@ class Engine:
         *,
         max_batch: int = 8,
         max_queue: int = 32,
-        prefill_chunk: int = DECODE_CHUNK,
+        prefill_chunk: int = INTERLEAVED_CHUNK,
         vision_cache: VisionCache | None = None,
         prompt_cache_entries: int = 16,
         prompt_cache_bytes: int = 2 << 30,
