@@ -108,14 +108,17 @@ def evaluate_mlx(
     progress=None,
     image_size: int | None = None,
     keep_positions: bool = False,
+    vision_cache: dict | None = None,
 ) -> Scored:
     """Answer every question of `data` with the MLX runtime's own stages, batched by image:
     encode the images (resized to `image_size`, default the model's), prune their tokens,
-    project, splice each question after them and run the LLM once over question + answer (right
-    padding; causal attention leaves the real positions untouched). With `keep_positions`, the
+    project, run the LLM over the prompt up to and including the image once per image, then over
+    each question + answer from a copy of that KV cache (right padding; causal attention leaves
+    the real positions untouched). With `keep_positions`, the
     kept visual tokens take the RoPE positions they had unpruned and the text continues from the
     unpruned length (as `generate(..., keep_positions=True)`). `progress(n)` is told how many
-    images were done."""
+    images were done. A `vision_cache` dict keeps each batch's vision tokens and scores for the
+    next call with the same data, batching and size (pruners x ratios encode the images once)."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -133,30 +136,39 @@ def evaluate_mlx(
     predicted: list[tuple[int, ...]] = [()] * len(sequences)
     for start in range(0, len(images), images_per_batch):
         chunk = images[start : start + images_per_batch]
-        pixels = load_pixels([data.image_paths[i] for i in chunk], image_size or model.config.image_size)
-        tokens, scores = model.encode_image(mx.array(pixels.astype(np.float32) / 255.0), with_scores=scored)
+        size = image_size or model.config.image_size
+        key = (size, tuple(str(data.image_paths[i]) for i in chunk))
+        if vision_cache is None or key not in vision_cache:
+            pixels = mx.array(load_pixels([data.image_paths[i] for i in chunk], size).astype(np.float32) / 255.0)
+            encoded = model.encode_image(pixels, with_scores=scored or vision_cache is not None)
+            if vision_cache is not None:
+                mx.eval(encoded)
+                vision_cache[key] = encoded
+        tokens, scores = encoded if vision_cache is None else vision_cache[key]
         pruned = prune_tokens(tokens, scores, pruner, keep_ratio, seed)
         image = model.project(pruned.tokens)
         questions = [q for i in chunk for q in groups[i]]
-        slots = mx.array([n for n, i in enumerate(chunk) for _ in groups[i]])
+        slots = [n for n, i in enumerate(chunk) for _ in groups[i]]
         width = max(len(sequences[q]) for q in questions)
         ids = np.full((len(questions), width), pad, dtype=np.int32)
         for row, q in enumerate(questions):
             ids[row, : len(sequences[q])] = sequences[q]
-        rows = [mx.broadcast_to(prefix, (len(questions), *prefix.shape[1:])), image[slots], embed(mx.array(ids))]
-        cache = None
-        if keep_positions and pruner is not None:  # each question's row: its image's kept positions
+        image_rows = None  # each image's RoPE positions with keep_positions, the text from the unpruned end
+        if keep_positions and pruner is not None:
             kept = np.array(pruned.indices).tolist()
-            cache = make_prompt_cache(model.language_model)
-            carry_positions(
-                cache, [gap_positions(len(before), kept[n], tokens.shape[1], width) for n in np.array(slots)]
-            )
-        embeds = mx.concatenate(rows, axis=1).astype(prefix.dtype)
-        logits = model.language_model(None, cache=cache, input_embeddings=embeds)
+            image_rows = [gap_positions(len(before), row, tokens.shape[1], 1) for row in kept]
+        cache = make_prompt_cache(model.language_model)
+        carry_positions(cache, image_rows)
+        model.language_model(None, cache=cache, input_embeddings=mx.concatenate([
+            mx.broadcast_to(prefix, (len(chunk), *prefix.shape[1:])), image.astype(prefix.dtype)], axis=1))  # fmt: skip
+        for layer in cache:  # the prompt up to the image once per image, copied to each of its questions
+            keys, values, filled = layer.state
+            layer.state = (keys[:, :, :filled][mx.array(slots)], values[:, :, :filled][mx.array(slots)], filled)
+        carry_positions(cache, None if image_rows is None else [image_rows[n] for n in slots])
+        logits = model.language_model(None, cache=cache, input_embeddings=embed(mx.array(ids)))
         best = np.array(mx.argmax(logits, axis=-1))
-        offset = prefix.shape[1] + image.shape[1] - 1  # position t predicts the token at t + 1
         for row, q in enumerate(questions):
-            first = offset + len(sequences[q]) - lengths[q]
+            first = len(sequences[q]) - lengths[q] - 1  # position t predicts the token at t + 1
             predicted[q] = tuple(int(t) for t in best[row, first : first + lengths[q]])
         if progress:
             progress(len(chunk))

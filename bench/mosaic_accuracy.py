@@ -78,22 +78,31 @@ def visual_tokens(model, setting: Setting) -> int:
     return side * side if setting.pruner is None else keep_count(side * side, setting.keep_ratio)
 
 
-def evaluate(model, tokenizer, split: easyvqa.Split, kinds: list[str], setting: Setting, progress=None) -> dict:
+def evaluate(
+    model, tokenizer, split: easyvqa.Split, kinds: list[str], setting: Setting, progress=None, vision_cache=None
+) -> dict:
     """One setting's row: the setting, its visual tokens and `summarize`'s accuracies."""
-    if setting.keep_positions:
-        raise NotImplementedError("keep_positions is not in the batched scorer yet")
     scored = easyvqa.evaluate_mlx(
-        model, tokenizer, split, setting.pruner, setting.keep_ratio, progress=progress, image_size=setting.image_size
+        model,
+        tokenizer,
+        split,
+        setting.pruner,
+        setting.keep_ratio,
+        progress=progress,
+        image_size=setting.image_size,
+        keep_positions=setting.keep_positions,
+        vision_cache=vision_cache,
     )
     return dict(asdict(setting), visual_tokens=visual_tokens(model, setting), **summarize(scored.correct, kinds))
 
 
 def table(model, tokenizer, split: easyvqa.Split, kinds: list[str], rows: list[Setting]) -> list[dict]:
+    """Every setting's row; the vision tower runs once per input size (its tokens are cached)."""
     import click
 
-    images = len(split.image_paths)
+    images, cache = len(split.image_paths), {}
     with click.progressbar(length=images * len(rows), label="mosaic", file=sys.stderr) as bar:
-        return [evaluate(model, tokenizer, split, kinds, setting, bar.update) for setting in rows]
+        return [evaluate(model, tokenizer, split, kinds, setting, bar.update, cache) for setting in rows]
 
 
 def format_rows(results: list[dict]) -> str:
