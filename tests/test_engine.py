@@ -179,3 +179,14 @@ def test_a_system_message_is_honoured_as_generate_does(easyvqa, engine, pictures
     done = ask(engine, pictures[1], messages, max_tokens=8)[-1]
     expected = generate(*easyvqa, pictures[1], messages, max_tokens=8)
     assert done.text == expected.text and done.prompt_tokens == expected.prompt_tokens
+
+
+def test_as_many_clients_as_slots_each_keep_their_image_cached(easyvqa):
+    """Every slot's conversation keeps its vision features: at 16 clients with 8 vision entries, each
+    request used to find its prompt cached and run the vision tower again anyway."""
+    pictures = [shape("circle", (20 * n, 30, 250 - 20 * n)) for n in range(12)]
+    with Engine(*easyvqa, max_batch=12, max_queue=24) as running:
+        for _ in range(2):
+            for picture in pictures:
+                assert isinstance(ask(running, picture, user(QUESTIONS[0]), max_tokens=2)[-1], Finished)
+        assert running.vision_cache.hits >= len(pictures)  # the second round found every image
