@@ -162,6 +162,17 @@ def train(out: Path, tuned_out: Path | None, steps: int, tune_steps: int, seed: 
             (time.perf_counter() - started) / 60 - record["train_minutes"],
         )
         models["tuned"] = tuned_out
+    score_models(models, record, results)
+    record["total_minutes"] = (time.perf_counter() - started) / 60
+    click.echo(f"wrote {out} in {record['total_minutes']:.1f} min")
+    if results is not None:
+        results.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def score_models(models: dict[str, Path], record: dict, results: Path | None = None) -> dict:
+    """Convert each saved model (name -> folder with hf/) and add its full-test-set accuracy to
+    `record` (written to `results` after each model)."""
     with tempfile.TemporaryDirectory() as folder:
         split, kinds = mosaic.read_test_set(mosaic.write_test_set(Path(folder)))
         record["test_questions"] = len(kinds)
@@ -169,11 +180,9 @@ def train(out: Path, tuned_out: Path | None, steps: int, tune_steps: int, seed: 
             convert(folder_out / "hf", folder_out / "mlx", force=True)
             record[name] = mlx_accuracy(folder_out / "mlx", split, kinds)
             click.echo(f"{name} model ({folder_out}), full test set, MLX greedy, all tokens: {shown(record[name])}")
-    record["total_minutes"] = (time.perf_counter() - started) / 60
-    click.echo(f"wrote {out} in {record['total_minutes']:.1f} min")
-    if results is not None:
-        results.parent.mkdir(parents=True, exist_ok=True)
-        results.write_text(json.dumps(record, indent=2))
+            if results is not None:
+                results.parent.mkdir(parents=True, exist_ok=True)
+                results.write_text(json.dumps(record, indent=2))
     return record
 
 
