@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import fastvlm_mlx  # noqa: F401  (loads the optimized BLAS before anything imports mlx)
 
@@ -96,3 +96,28 @@ def isolated_environment(home: Path, **extra: str) -> dict:
 @pytest.fixture(scope="session")
 def isolated_env():
     return isolated_environment
+
+
+def shape_picture(kind: str, color: tuple) -> Image.Image:
+    """A 64x64 easy-VQA-like picture: one filled circle or rectangle on white."""
+    image = Image.new("RGB", (64, 64), "white")
+    draw = ImageDraw.Draw(image)
+    {"circle": draw.ellipse, "rectangle": draw.rectangle}[kind]((12, 12, 52, 52), fill=color)
+    return image
+
+
+@pytest.fixture(scope="session")
+def easyvqa():
+    """The shipped easy-VQA model, loaded once: (model, tokenizer)."""
+    from fastvlm_mlx.load import embedded_model, load_model
+
+    return load_model(embedded_model())
+
+
+@pytest.fixture(scope="session")
+def pictures():
+    """Three shape pictures the shipped model answers about."""
+    return [
+        shape_picture(*spec)
+        for spec in (("circle", (200, 30, 30)), ("rectangle", (30, 30, 200)), ("circle", (30, 160, 30)))
+    ]

@@ -4,7 +4,7 @@ import threading
 import time
 
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from fastvlm_mlx.engine import Delta, Engine, Failed, Finished, QueueFull
 from fastvlm_mlx.errors import UserError
@@ -12,25 +12,6 @@ from fastvlm_mlx.generate import generate
 from fastvlm_mlx.images import read_image
 
 QUESTIONS = ["what color is the shape?", "what shape is in the image?", "is there a circle?"]
-
-
-def shape(kind: str, color: tuple) -> Image.Image:
-    image = Image.new("RGB", (64, 64), "white")
-    draw = ImageDraw.Draw(image)
-    {"circle": draw.ellipse, "rectangle": draw.rectangle}[kind]((12, 12, 52, 52), fill=color)
-    return image
-
-
-@pytest.fixture(scope="module")
-def easyvqa():
-    from fastvlm_mlx.load import embedded_model, load_model
-
-    return load_model(embedded_model())
-
-
-@pytest.fixture(scope="module")
-def pictures():
-    return [shape("circle", (200, 30, 30)), shape("rectangle", (30, 30, 200)), shape("circle", (30, 160, 30))]
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +165,7 @@ def test_a_system_message_is_honoured_as_generate_does(easyvqa, engine, pictures
 def test_as_many_clients_as_slots_each_keep_their_image_cached(easyvqa):
     """Every slot's conversation keeps its vision features: at 16 clients with 8 vision entries, each
     request used to find its prompt cached and run the vision tower again anyway."""
-    pictures = [shape("circle", (20 * n, 30, 250 - 20 * n)) for n in range(12)]
+    pictures = [Image.new("RGB", (64, 64), (20 * n, 30, 250 - 20 * n)) for n in range(12)]
     with Engine(*easyvqa, max_batch=12, max_queue=24) as running:
         for _ in range(2):
             for picture in pictures:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import mlx.core as mx
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 openai = pytest.importorskip("openai", reason="needs the dev extra (openai)")
 uvicorn = pytest.importorskip("uvicorn", reason="needs the server extra (fastapi, uvicorn)")
@@ -39,13 +39,6 @@ def png(image: Image.Image) -> bytes:
 
 def data_url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
-
-
-def shape(kind: str, color: tuple) -> Image.Image:
-    image = Image.new("RGB", (64, 64), "white")
-    draw = ImageDraw.Draw(image)
-    {"circle": draw.ellipse, "rectangle": draw.rectangle}[kind]((12, 12, 52, 52), fill=color)
-    return image
 
 
 def question(url: str, text: str) -> list[dict]:
@@ -87,18 +80,6 @@ class Server:
         status, data = response.status, json.loads(response.read())
         connection.close()
         return status, data
-
-
-@pytest.fixture(scope="module")
-def easyvqa():
-    from fastvlm_mlx.load import embedded_model, load_model
-
-    return load_model(embedded_model())
-
-
-@pytest.fixture(scope="module")
-def pictures():
-    return [shape("circle", (200, 30, 30)), shape("rectangle", (30, 30, 200)), shape("circle", (30, 160, 30))]
 
 
 @pytest.fixture(scope="module")
