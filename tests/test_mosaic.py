@@ -1,0 +1,187 @@
+"""The mosaic testbed: its data (seeded, split-pure, exact templates, right answers) and the shipped
+mosaic model (the accuracy bar, and pruners told apart at 1/8 of the tokens).
+
+Model accuracy is measured on the first SUBSET mosaics of the full test set (the full set's
+table is docs/results/mosaic-accuracy.json)."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench import easyvqa, mosaic
+
+SUBSET = 120  # mosaics, about 2,150 questions
+BAR = 0.95
+MARGIN = 0.05  # the spread between methods at keep ratio 1/8; ~0.5-point standard error on 2,150 questions
+
+
+def same(drawn, other) -> bool:
+    return len(drawn) == len(other) and all(
+        np.array_equal(a.pixels, b.pixels)
+        and (a.shapes, a.colors, a.sources, qa) == (b.shapes, b.colors, b.sources, qb)
+        for (a, qa), (b, qb) in zip(drawn, other, strict=True)
+    )
+
+
+def test_the_data_is_fixed_by_its_seed():
+    first, again, other = (mosaic.draw("train", 6, seed) for seed in (3, 3, 4))
+    assert same(first, again) and not same(first, other)
+    assert same(mosaic.test_set(5), mosaic.test_set()[:5])
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_cells_come_from_their_own_split(split):
+    data = easyvqa.load_split(split)
+    drawn = mosaic.draw(split, 40, seed=1) if split == "train" else mosaic.test_set(40)
+    labels = mosaic.image_labels(data)
+    blanks = 0
+    for m, _ in drawn:
+        for n, source in enumerate(m.sources):
+            row, col = divmod(n, 2)
+            cell = m.pixels[row * 64 : (row + 1) * 64, col * 64 : (col + 1) * 64]
+            if source is None:
+                blanks += 1
+                assert m.shapes[n] == "none" and m.colors[n] is None
+                assert (cell == cell[0, 0]).all() and (cell[0, 0] >= 200).all()
+                continue
+            assert np.array_equal(cell, np.asarray(Image.open(data.image_paths[source]).convert("RGB")))
+            assert (m.shapes[n], m.colors[n]) == labels[source]
+    assert 0.1 < blanks / (4 * len(drawn)) < 0.3  # blank with probability 0.2
+
+
+def test_labels_agree_with_every_easyvqa_answer():
+    """Each usable image's (shape, colour) answers all of its easy-VQA questions that name one."""
+    data = easyvqa.load_split("test")
+    labels = mosaic.image_labels(data)
+    assert len(labels) == len(mosaic.load_cells("test").image_ids) >= 850
+    for question, answer, image in zip(data.questions, data.answers, data.image_ids, strict=True):
+        if image in labels and answer not in ("yes", "no"):
+            assert answer in labels[image], (question, answer, labels[image])
+
+
+def test_questions_follow_the_templates_exactly():
+    colors = "|".join(mosaic.colors())
+    position = "top left|top right|bottom left|bottom right"
+    shapes = "circle|rectangle|triangle"
+    templates = {
+        "shape": (rf"what shape is in the ({position})\?", rf"{shapes}|none"),
+        "color": (rf"what color is the shape in the ({position})\?", colors),
+        "is_there": (rf"is there a ({shapes}) in the ({position})\?", "yes|no"),
+        "count_shape": (rf"how many ({shapes})s are there\?", "[0-4]"),
+        "count_color": (rf"how many ({colors}) shapes are there\?", "[0-4]"),
+    }
+    seen = set()
+    for _, questions in mosaic.test_set(60):
+        for q in questions:
+            text, answer = templates[q.kind]
+            assert re.fullmatch(text, q.text) and re.fullmatch(answer, q.answer), q
+            seen.add(q.kind)
+    assert seen == set(mosaic.QUESTION_TYPES)
+    assert mosaic.colors() == ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
+
+
+def test_answers_of_a_constructed_mosaic():
+    red = np.zeros((64, 64, 3), np.uint8)
+    cells = mosaic.Cells(np.stack([red, red + 1]), ("circle", "triangle"), ("red", "teal"), (7, 9))
+
+    class Picks:  # a stand-in Generator: cell 0, blank, cell 1, cell 0
+        draws = iter([0.1, 0, 0.9, 0.1, 1, 0.1, 0])
+
+        def random(self):
+            return next(self.draws)
+
+        def integers(self, low, high=None, size=None, dtype=None):
+            return np.array([210, 220, 230], np.uint8) if size else next(self.draws)
+
+    m = mosaic.make_mosaic(cells, Picks())
+    assert m.shapes == ("circle", "none", "triangle", "circle") and m.sources == (7, None, 9, 7)
+    assert (m.pixels[:64, 64:] == [210, 220, 230]).all() and (m.pixels[64:, :64] == 1).all()
+    answers = {q.text: q.answer for q in mosaic.ask(m, np.random.default_rng(0), mosaic.colors())}
+    assert answers["what shape is in the top left?"] == "circle"
+    assert answers["what shape is in the top right?"] == "none"
+    assert "what color is the shape in the top right?" not in answers  # never asked of a blank cell
+    assert answers["what color is the shape in the bottom left?"] == "teal"
+    assert answers["how many circles are there?"] == "2" and answers["how many rectangles are there?"] == "0"
+    assert answers["how many red shapes are there?"] == "2" and answers["how many teal shapes are there?"] == "1"
+    for text, answer in answers.items():
+        if found := re.fullmatch(r"is there a (\w+) in the (.+)\?", text):
+            truth = m.shapes[mosaic.POSITIONS.index(found[2])] == found[1]
+            assert answer == ("yes" if truth else "no")
+    absent = [t for t, a in answers.items() if t.startswith("how many") and "shapes" in t and a == "0"]
+    assert len(absent) == 1  # one colour that is not there
+
+
+def test_the_written_test_set_reads_back(tmp_path):
+    path = mosaic.write_test_set(tmp_path, questions=30)
+    split, kinds = mosaic.read_test_set(path)
+    drawn = mosaic.test_set(2)
+    assert len(kinds) == 30 and split.questions == [q.text for _, qs in drawn for q in qs][:30]
+    assert np.array_equal(np.asarray(Image.open(split.image_paths[0])), drawn[0][0].pixels)
+
+
+# The shipped mosaic model
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from fastvlm_mlx import load
+
+    return load("mosaic")
+
+
+@pytest.fixture(scope="module")
+def questions(tmp_path_factory):
+    return mosaic.read_test_set(mosaic.write_test_set(tmp_path_factory.mktemp("mosaic"), SUBSET))
+
+
+def test_the_shipped_models_are_small_and_selectable():
+    from fastvlm_mlx.hub import resolve_model
+    from fastvlm_mlx.load import embedded_model, read_config
+
+    total = sum(f.stat().st_size for name in ("mosaic", "mosaic-tuned") for part in ("mlx", "hf")
+                if (embedded_model.__globals__["MODELS_FOLDER"] / name / part).is_dir()
+                for f in embedded_model(part, name).iterdir())  # fmt: skip
+    assert total <= 20e6
+    assert resolve_model("mosaic") == embedded_model("mlx", "mosaic") != resolve_model(None)
+    config = read_config(resolve_model("mosaic"))
+    assert (config.image_size, (config.image_size // config.vision.stride) ** 2) == (256, 256)
+
+
+@pytest.fixture(scope="module")
+def vision_cache():
+    return {}  # the subset's vision tokens, encoded once for every setting
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the mosaic model trained on 2026-12-01 scores 46.5% (docs/results/mosaic-train-normal.json): retrain it",
+)
+def test_unpruned_accuracy_meets_the_bar(shipped, questions, vision_cache):
+    split, _ = questions
+    assert easyvqa.evaluate_mlx(*shipped, split, vision_cache=vision_cache).accuracy >= BAR
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the mosaic model trained on 2026-12-01 scores 46.5% (docs/results/mosaic-train-normal.json): retrain it",
+)
+def test_pruners_are_told_apart_at_an_eighth(shipped, questions, vision_cache):
+    from pruners import PRUNERS
+
+    split, _ = questions
+    eighth = {
+        name: easyvqa.evaluate_mlx(*shipped, split, name, 0.125, vision_cache=vision_cache).accuracy for name in PRUNERS
+    }
+    assert max(eighth.values()) - min(eighth.values()) >= MARGIN, eighth
+
+
+def test_bench_reads_the_mosaic_dataset(tmp_path):
+    from bench.sweep import dataset_items
+
+    items = dataset_items("mosaic:40", tmp_path)
+    drawn = [q for _, qs in mosaic.test_set(3) for q in qs]
+    assert [(i.prompt, i.answer) for i in items] == [(q.text, q.answer) for q in drawn][:40]
+    assert all((tmp_path / "mosaic-test" / "images").is_dir() and Path(i.image).is_file() for i in items)
