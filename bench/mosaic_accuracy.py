@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import easyvqa, mosaic
+from fastvlm_mlx.files import open_new
 
 KEEP_RATIOS = (0.5, 0.25, 0.125, 0.0625)
 IMAGE_SIZES = (256, 192, 128)  # 16x16, 12x12 and 8x8 visual tokens
@@ -187,9 +188,13 @@ def main() -> None:
             results = table(model, tokenizer, split, kinds, rows)
         click.echo(format_rows(results))
         Path(out).parent.mkdir(parents=True, exist_ok=True)
+        taken = [p for p in (Path(f"{out}.json"), Path(f"{out}.png")) if p.exists()]
+        if taken:  # never over an earlier table
+            raise click.ClickException(f"{taken[0]} exists; choose another --out or move it away")
         record = dict(model=model_name, folder=str(folder), mosaics=len(split.image_paths), questions=len(kinds))
         record.update(test_seed=mosaic.TEST_SEED, results=results)
-        Path(f"{out}.json").write_text(json.dumps(record, indent=2))
+        with open(open_new(Path(f"{out}.json")), "w") as f:
+            f.write(json.dumps(record, indent=2))
         title = f"mosaic test set ({model_name}), {len(split.image_paths)} mosaics, {len(kinds)} questions"
         click.echo(f"wrote {out}.json and {plot(results, Path(f'{out}.png'), title)}")
 

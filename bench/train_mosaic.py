@@ -22,27 +22,16 @@ import numpy as np
 import torch
 
 import fastvlm_mlx  # noqa: F401  (preloads the BLAS before anything imports mlx)
-from bench import easyvqa, mosaic
+from bench import easyvqa, mosaic, train_easyvqa
 from bench.synthetic import build_reference, make_tokenizer
 from bench.train_easyvqa import answer_logits, optimize, pack_batch, save_source
 from convert.convert import convert
 from fastvlm_mlx.prompt import SYSTEM_PROMPT
 
 IMAGE_SIZE = 256
-# The easy-VQA tower (fastvit_mci3 shape, one block per stage, stride 16) at twice the input side.
-VISION_ARGS = dict(
-    layers=(1, 1, 1, 1, 1),
-    embed_dims=(32, 64, 64, 128, 128),
-    downsamples=(False, True, False, True, False),
-)
-TEXT_ARGS = dict(
-    hidden_size=128,
-    num_hidden_layers=2,
-    intermediate_size=384,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    tie_word_embeddings=True,
-)
+# The easy-VQA model's tower (fastvit_mci3 shape, one block per stage, stride 16) at twice the input side,
+# and its Qwen2.
+VISION_ARGS, TEXT_ARGS = train_easyvqa.VISION_ARGS, train_easyvqa.TEXT_ARGS
 VOCAB_SIZE = 400
 MOSAICS_PER_BATCH = 4  # each with all of its questions (a step's time grows with it: more, smaller steps)
 LR, TUNE_LR = 1e-3, 2e-4

@@ -55,7 +55,10 @@ def embedded_model(part: str = "mlx", name: str = DEFAULT_MODEL) -> Path:
         raise UserError(f"no shipped model {name!r}; the shipped models are {', '.join(SHIPPED_MODELS)}")
     path = MODELS_FOLDER / name / part
     if not (path / "config.json").is_file():
-        raise UserError(f"the shipped {name} model is missing from this install ({path}); pass --model DIR")
+        raise UserError(
+            f"the {name} model is missing from this install ({path}); it is {SHIPPED_MODELS[name]}: "
+            "train it, or pass --model DIR"
+        )
     return path
 
 

@@ -125,8 +125,16 @@ def test_the_written_test_set_reads_back(tmp_path):
 # The shipped mosaic model
 
 
+TRAINED = (Path(__file__).parents[1] / "fastvlm_mlx" / "models" / "mosaic" / "mlx" / "config.json").is_file()
+NOT_SHIPPED = (
+    "the mosaic model is not shipped yet: the first training run reached 46.5%, short of its 95% bar (issue 17)"
+)
+
+
 @pytest.fixture(scope="module")
 def shipped():
+    if not TRAINED:
+        pytest.skip(NOT_SHIPPED)
     from fastvlm_mlx import load
 
     return load("mosaic")
@@ -137,15 +145,25 @@ def questions(tmp_path_factory):
     return mosaic.read_test_set(mosaic.write_test_set(tmp_path_factory.mktemp("mosaic"), SUBSET))
 
 
-def test_the_shipped_models_are_small_and_selectable():
-    from fastvlm_mlx.hub import resolve_model
-    from fastvlm_mlx.load import embedded_model, read_config
+def test_a_missing_shipped_model_is_one_clear_error(tmp_path, monkeypatch):
+    import importlib
 
-    total = sum(f.stat().st_size for name in ("mosaic", "mosaic-tuned") for part in ("mlx", "hf")
-                if (embedded_model.__globals__["MODELS_FOLDER"] / name / part).is_dir()
-                for f in embedded_model(part, name).iterdir())  # fmt: skip
-    assert total <= 20e6
-    assert resolve_model("mosaic") == embedded_model("mlx", "mosaic") != resolve_model(None)
+    from fastvlm_mlx.errors import UserError
+    from fastvlm_mlx.hub import resolve_model
+
+    load_module = importlib.import_module("fastvlm_mlx.load")
+    monkeypatch.setattr(load_module, "MODELS_FOLDER", tmp_path)  # an install without the mosaic folders
+    with pytest.raises(UserError, match=r"bench[./]train_mosaic"):
+        resolve_model("mosaic")
+
+
+def test_the_shipped_models_are_small_and_selectable(shipped):
+    from fastvlm_mlx.hub import resolve_model
+    from fastvlm_mlx.load import MODELS_FOLDER, read_config
+
+    folders = [MODELS_FOLDER / name for name in ("mosaic", "mosaic-tuned") if (MODELS_FOLDER / name).is_dir()]
+    assert sum(f.stat().st_size for folder in folders for f in folder.rglob("*") if f.is_file()) <= 20e6
+    assert resolve_model("mosaic") != resolve_model(None)
     config = read_config(resolve_model("mosaic"))
     assert (config.image_size, (config.image_size // config.vision.stride) ** 2) == (256, 256)
 
@@ -155,19 +173,11 @@ def vision_cache():
     return {}  # the subset's vision tokens, encoded once for every setting
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the mosaic model trained on 2026-12-01 scores 46.5% (docs/results/mosaic-train-normal.json): retrain it",
-)
 def test_unpruned_accuracy_meets_the_bar(shipped, questions, vision_cache):
     split, _ = questions
     assert easyvqa.evaluate_mlx(*shipped, split, vision_cache=vision_cache).accuracy >= BAR
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the mosaic model trained on 2026-12-01 scores 46.5% (docs/results/mosaic-train-normal.json): retrain it",
-)
 def test_pruners_are_told_apart_at_an_eighth(shipped, questions, vision_cache):
     from pruners import PRUNERS
 
