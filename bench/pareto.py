@@ -94,7 +94,7 @@ def plot(panels: list[list[dict]], path: Path, environment: str) -> None:
         for r in rows:
             curves.setdefault(method(r), [] if r["pruner"] is None else [full]).append(r)
         for name, points in sorted(curves.items(), key=lambda item: item[0] != "lower resolution"):
-            points = sorted(points, key=lambda r: r["ttft_s"])
+            points = sorted(points, key=lambda r: r["visual_tokens"])  # by the work kept, not by timing noise
             err = [[r["accuracy"] - r["ci95"][0] for r in points], [r["ci95"][1] - r["accuracy"] for r in points]]
             style = dict(color="black", linestyle="--", linewidth=2.5) if name == "lower resolution" else {}
             dashed = dict(linestyle=":") if "keep-positions" in name else {}
