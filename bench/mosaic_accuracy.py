@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import easyvqa, mosaic
+from bench.report import refuse_existing
 from fastvlm_mlx.files import open_new
 
 KEEP_RATIOS = (0.5, 0.25, 0.125, 0.0625)
@@ -174,6 +175,7 @@ def main() -> None:
         names = {"all": sorted(PRUNERS), "none": []}.get(pruners)
         names = [p.strip() for p in pruners.split(",") if p.strip()] if names is None else names
         positions = {"off": (False,), "on": (True,), "both": (False, True)}[keep_positions]
+        refuse_existing(Path(f"{out}.json"), Path(f"{out}.png"))  # before any work
         folder = resolve_model(model_name)
         model, tokenizer = load_model(folder)
         rows = settings(
@@ -188,9 +190,6 @@ def main() -> None:
             results = table(model, tokenizer, split, kinds, rows)
         click.echo(format_rows(results))
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        taken = [p for p in (Path(f"{out}.json"), Path(f"{out}.png")) if p.exists()]
-        if taken:  # never over an earlier table
-            raise click.ClickException(f"{taken[0]} exists; choose another --out or move it away")
         record = dict(model=model_name, folder=str(folder), mosaics=len(split.image_paths), questions=len(kinds))
         record.update(test_seed=mosaic.TEST_SEED, results=results)
         with open(open_new(Path(f"{out}.json")), "w") as f:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from bench.report import refuse_existing
 from fastvlm_mlx.files import open_new
 
 SCALE = 4  # the 0.5B model's 1024^2 input over the mosaic model's 256^2: the same 16x16 token grid
@@ -147,9 +148,7 @@ def main(accuracy_paths: tuple[str, ...], timings: str, out: str) -> None:
     )
     json_path, png_path = Path(f"{out}.json"), Path(f"{out}.png")
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    for path in (json_path, png_path):  # never over an earlier report
-        if path.exists():
-            raise click.ClickException(f"{path} exists; choose another --out or move it away")
+    refuse_existing(json_path, png_path)
     with open(open_new(json_path), "w") as f:
         f.write(json.dumps(record, indent=1) + "\n")
     plot(panels, png_path, environment)

@@ -5,10 +5,21 @@ import json
 import os
 from pathlib import Path
 
+import click
+
+from fastvlm_mlx.errors import UserError
 from fastvlm_mlx.files import open_new
 
 STAGE_COLUMNS = ("preprocess_s", "vision_s", "prune_s", "prefill_s")
 QUALITY_COLUMNS = ("accuracy", "exact_match", "token_agreement", "top1_agreement", "kl_first_token")
+
+
+def refuse_existing(*paths: Path) -> None:
+    """A click error naming the first of `paths` that exists: a report is never written over an earlier one.
+    Call it before the work, so nothing is computed for a file that could not be written."""
+    for path in paths:
+        if path.exists():
+            raise click.ClickException(f"{path} exists; choose another --out or move it away")
 
 
 def write_results(results: dict, out_dir: Path, stem: str) -> tuple[Path, Path]:
@@ -81,8 +92,6 @@ def draw_plots(results: dict, out_dir: Path, name: str) -> list[Path]:
     try:
         import matplotlib
     except ImportError:
-        from fastvlm_mlx.errors import UserError
-
         raise UserError("plots need matplotlib: pip install 'fastvlm-mlx[bench]'") from None
     matplotlib.use("Agg")
     out_dir.mkdir(parents=True, exist_ok=True)
