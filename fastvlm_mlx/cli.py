@@ -168,6 +168,10 @@ def result_json(result) -> dict:
     }
 
 
+# How an answer is made, the same for generate and chat (their keyword names are the API's).
+ANSWER_OPTIONS = _options(*SAMPLING, IMAGE_SIZE, PRUNER, KEEP_RATIO, KEEP_POSITIONS, SAMPLING_SEED)
+
+
 @main.command()
 @click.option("--model", "model_dir", help=MODEL_HELP)
 @click.option("--image", required=True, help=IMAGE_HELP)
@@ -175,12 +179,7 @@ def result_json(result) -> dict:
 @click.option(
     "--prompt-file", type=click.Path(), help="Read the question from a UTF-8 file (for prompts too long to pass)."
 )
-@_options(*SAMPLING)
-@IMAGE_SIZE
-@PRUNER
-@KEEP_RATIO
-@KEEP_POSITIONS
-@SAMPLING_SEED
+@ANSWER_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @_fail_cleanly
 def generate(
@@ -211,12 +210,7 @@ def generate(
 @click.option("--model", "model_dir", help=MODEL_HELP)
 @click.option("--image", required=True, help=IMAGE_HELP)
 @click.option("--system", default=None, help="System message (default: the chat template's).")
-@_options(*SAMPLING)
-@IMAGE_SIZE
-@PRUNER
-@KEEP_RATIO
-@KEEP_POSITIONS
-@SAMPLING_SEED
+@ANSWER_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Questions one per stdin line, one JSON object per answer.")
 @_fail_cleanly
 def chat(
