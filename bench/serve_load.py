@@ -30,6 +30,7 @@ import socket
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -109,9 +110,11 @@ def one_request(client, model_id: str, url: str, question: str, max_tokens: int)
 
 
 def run_round(
-    client, model_id: str, clients: int, requests: int, workload: str, size: int, max_tokens: int, seed0: int
-):
-    """`clients` threads, each sending `requests` requests in turn; the round's records and wall time."""
+    client, model_id: str, clients: int, requests: int, workload: str, size: int, max_tokens: int, seed0: int,
+    on_start: Callable[[], None] = lambda: None,
+):  # fmt: skip
+    """`clients` threads, each sending `requests` requests in turn; the round's records and wall time.
+    `on_start` is called just before the timed part."""
     own = [image_url(seed0 + c, size) for c in range(clients)]
     if workload == "cached-image":  # each client's image seen once, untimed
         threads = [threading.Thread(target=one_request, args=(client, model_id, u, QUESTIONS[0], 1)) for u in own]
@@ -127,6 +130,7 @@ def run_round(
             question = QUESTIONS[(c + r + (workload == "cached-image")) % len(QUESTIONS)]
             records.append({"client": c, "turn": r, **one_request(client, model_id, url, question, max_tokens)})
 
+    on_start()
     start = time.perf_counter()
     threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
     for t in threads:
@@ -136,9 +140,10 @@ def run_round(
     return records, time.perf_counter() - start
 
 
-def summarize_round(records: list[dict], wall_s: float) -> dict:
+def summarize_round(records: list[dict], wall_s: float, longest_decode_gap_s: float) -> dict:
     """Throughput and TTFT percentiles: of every request, and of the steady ones (each client's second
-    and later, which arrive as other answers finish rather than all at the round's start)."""
+    and later, which arrive as other answers finish rather than all at the round's start), and the
+    longest time answers in flight waited between two decode steps (the engine's)."""
     tokens = sum(r["completion_tokens"] for r in records)
     steady = [r for r in records if r["turn"] > 0] or records
     return {
@@ -153,6 +158,7 @@ def summarize_round(records: list[dict], wall_s: float) -> dict:
         "server_queue_s_p95": percentile([r["server"]["queue_s"] or 0 for r in records], 0.95),
         "server_prefill_s_median": percentile([r["server"]["prefill_s"] or 0 for r in records], 0.5),
         "server_vision_s_median": percentile([r["server"]["vision_s"] or 0 for r in records], 0.5),
+        "longest_decode_gap_s": longest_decode_gap_s,
     }
 
 
@@ -275,8 +281,10 @@ def main(size, model_dir, clients, requests, max_tokens, image_size, workloads, 
             curve, records = {}, {}
             for n in counts:
                 seed0 = 100_000 * (n_workload + 1) + 1000 * n
-                recs, wall = run_round(client, name, n, requests, workload, image_size, max_tokens, seed0)
-                curve[str(n)], records[str(n)] = summarize_round(recs, wall), recs
+                reset = lambda: engine.stats.update(longest_decode_gap_s=0.0)  # noqa: E731
+                recs, wall = run_round(client, name, n, requests, workload, image_size, max_tokens, seed0, reset)
+                gap = engine.stats["longest_decode_gap_s"]
+                curve[str(n)], records[str(n)] = summarize_round(recs, wall, gap), recs
                 click.echo(f"{workload:9s} {n:2d} clients: {json.dumps(curve[str(n)])}", err=True)
             results["workloads"][workload] = {"curve": curve, "goals": goals({int(k): v for k, v in curve.items()}),
                                               "requests": records}  # fmt: skip

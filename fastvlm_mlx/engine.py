@@ -5,9 +5,11 @@ filter, per-request samplers, max_tokens and end-of-sequence handling). It takes
 only, and ours are input embeddings with the image spliced in, so the engine prefills each
 prompt but its last position itself, into a per-request `KVCache`, in chunks between decode
 steps (a long prompt never stalls the others for more than one chunk), then inserts the last
-token with that cache. Finished requests leave their caches in mlx-lm's `LRUPromptCache`,
-keyed by the image's feature key and the prompt's positions, so a follow-up turn prefills
-only what it adds; the vision stage goes through a `VisionCache`.
+token with that cache. The vision tower of a new image runs the same way, in slices of its
+blocks between decode steps (`VISION_SLICE_S`) while others decode. Finished requests leave
+their caches in mlx-lm's `LRUPromptCache`, keyed by the image's feature key and the prompt's
+positions, so a follow-up turn prefills only what it adds; the vision stage goes through a
+`VisionCache`.
 
 Callers build a `Job` (`Engine.prepare`, on their own thread: tokenization, context check),
 `submit` it and read `Delta` events, then one `Finished` or `Failed`, from its `Handle`.
@@ -29,7 +31,7 @@ from mlx_lm.sample_utils import apply_top_p, greedy_sampler
 from PIL import Image
 
 from fastvlm_mlx.errors import UserError
-from fastvlm_mlx.features import VisionCache, VisionSettings, image_features
+from fastvlm_mlx.features import ImageFeatures, VisionCache, VisionSettings, features_in_pieces
 from fastvlm_mlx.generate import (
     IMAGE_POSITION,
     PREFILL_CHUNK,
@@ -44,6 +46,7 @@ from fastvlm_mlx.prompt import as_messages
 from pruners import PrunerError
 
 INTERLEAVED_CHUNK = 128  # prompt positions prefilled between two decode steps while others decode
+VISION_SLICE_S = 0.25  # vision tower blocks run between two decode steps while others decode, at least one
 
 
 class QueueFull(Exception):
@@ -144,6 +147,7 @@ class _Slot:
         self.deadline = None if job.timeout_s is None else job.received + job.timeout_s
         self.submitted = time.perf_counter()
         self.features = self.cache = self.embeds = self.uid = None
+        self.encoding = None  # the vision stage in progress (features_in_pieces)
         self.positions: list[int] = []
         self.reused = self.prefilled = 0
         self.detokenizer = tokenizer.detokenizer
@@ -189,6 +193,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self.stats = {"requests": 0, "prefilled_positions": 0, "reused_positions": 0, "decode_steps": 0}
+        # The longest wait of answers in flight between two decode steps (prefill and vision slices run there).
+        self.stats["longest_decode_gap_s"] = 0.0
+        self._last_decode: float | None = None  # when the last decode step ended, while answers are in flight
 
     # -- the caller's side ------------------------------------------------------------------
 
@@ -380,9 +387,9 @@ class Engine:
             self._fail(slot, "internal error while answering; see the server log", "server")
 
     def _prefill_step(self, slot: _Slot) -> None:
-        """The vision stage (one step), then one chunk of the prompt, then the hand-over to decoding."""
+        """A slice of the vision stage, then one chunk of the prompt, then the hand-over to decoding."""
         if slot.features is None:
-            self._start_prefill(slot)
+            self._vision_step(slot)
             return
         total = slot.embeds.shape[1]
         chunk = self.prefill_chunk if self._decoding else PREFILL_CHUNK  # nobody to keep waiting: go
@@ -408,12 +415,27 @@ class Engine:
             slot.uid, slot.embeds = uid, None
             self._decoding[uid] = slot
 
-    def _start_prefill(self, slot: _Slot) -> None:
-        """Vision features (from the vision cache when it holds them), then the longest cached
-        prefix of the prompt from the prompt cache; what is left waits for prefill chunks."""
-        slot.t_start = time.perf_counter()
+    def _vision_step(self, slot: _Slot) -> None:
+        """The image's features: from the vision cache, else the tower's blocks for VISION_SLICE_S
+        (all of them when nobody is decoding); once done, the prompt cache's part (`_start_prefill`)."""
+        if slot.encoding is None:
+            slot.t_start = time.perf_counter()
+            job = slot.job
+            slot.encoding = features_in_pieces(self.model, job.picture, job.settings, self.vision_cache)
+        until = time.perf_counter() + VISION_SLICE_S
+        try:
+            while True:
+                next(slot.encoding)
+                if self._decoding and time.perf_counter() > until:
+                    return
+        except StopIteration as done:
+            slot.encoding = None
+            self._start_prefill(slot, done.value)
+
+    def _start_prefill(self, slot: _Slot, features: ImageFeatures) -> None:
+        """With the vision features done, the longest cached prefix of the prompt from the prompt
+        cache; what is left waits for prefill chunks."""
         prompt = slot.job.prompt
-        features = image_features(self.model, slot.job.picture, slot.job.settings, self.vision_cache)
         prompt.visual_tokens = features.tokens_after
         positions = prompt.positions
         cache, rest = self.prompt_cache.fetch_nearest_cache(features.key, positions)
@@ -430,6 +452,9 @@ class Engine:
         self.stats["reused_positions"] += reused
 
     def _decode_step(self) -> None:
+        if self._last_decode is not None:
+            gap = time.perf_counter() - self._last_decode
+            self.stats["longest_decode_gap_s"] = max(self.stats["longest_decode_gap_s"], gap)
         try:
             _, responses = self._generator.next()
         except Exception:
@@ -443,6 +468,7 @@ class Engine:
             slot = self._decoding.get(response.uid)
             if slot is not None:
                 self._guarded(slot, lambda s, r=response: self._on_token(s, r))
+        self._last_decode = time.perf_counter() if self._decoding else None
 
     def _on_token(self, slot: _Slot, response) -> None:
         now = time.perf_counter()

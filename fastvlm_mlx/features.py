@@ -9,6 +9,7 @@ features: give each model its own.
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -110,15 +111,33 @@ def image_features(
     model: FastVLM, image: ImageInput, settings: VisionSettings, cache: VisionCache | None = None
 ) -> ImageFeatures:
     """The projected visual tokens of `image`, from `cache` when it holds them."""
+    return finish(features_in_pieces(model, image, settings, cache, pieces=False))
+
+
+def features_in_pieces(
+    model: FastVLM, image: ImageInput, settings: VisionSettings, cache: VisionCache | None = None, pieces: bool = True
+) -> Generator[None, None, ImageFeatures]:
+    """`image_features` as a generator that returns them. With `pieces`, the tower is evaluated a
+    piece at a time (FastViT.pieces) and the generator yields after each, so that its caller can do
+    other work in between (the server decodes); the stage times count this work only."""
     start = time.perf_counter()
     picture = read_image(image)
     key = feature_key(model.config, picture, settings)
     if cache is not None and (found := cache.get(key)) is not None:
         return ImageFeatures(found.embeds, found.tokens_before, key, time.perf_counter() - start, 0.0, 0.0, found.kept)
-    features = encode(model, picture, settings, key, start)
+    features = yield from encode(model, picture, settings, key, start, pieces)
     if cache is not None:
         cache.put(features)
     return features
+
+
+def finish(steps: Generator):
+    """Run a generator to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def feature_key(config, picture: Image.Image, settings: VisionSettings) -> tuple:
@@ -127,18 +146,28 @@ def feature_key(config, picture: Image.Image, settings: VisionSettings) -> tuple
     return (image_digest(picture), settings.image_size, mode, settings.pruner, ratio, seed)
 
 
-def encode(model: FastVLM, picture: Image.Image, settings: VisionSettings, key: tuple, start: float) -> ImageFeatures:
-    """Run the stage, timing each step (each waits for its arrays)."""
+def encode(
+    model: FastVLM, picture: Image.Image, settings: VisionSettings, key: tuple, start: float, pieces: bool = False
+) -> Generator[None, None, ImageFeatures]:
+    """Run the stage, timing each step (each waits for its arrays); with `pieces`, yield after each
+    piece of the tower (see `features_in_pieces`)."""
     scored = needs_scores(settings.pruner, settings.keep_ratio)
     pixels = mx.array(preprocess(picture, settings.image_size, model.config.preprocess_mode))
     t_pre = _now(pixels)
-    tokens, scores = model.encode_image(pixels, with_scores=scored)  # (1, N, D), (1, N) or None
-    t_vision = _now(tokens, *([scores] if scored else []))
+    if pieces:
+        vision_s = 0.0
+        for tokens, scores in model.encode_image_pieces(pixels, with_scores=scored):
+            began = time.perf_counter()
+            vision_s += _now(tokens, *([] if scores is None else [scores])) - began
+            yield
+    else:
+        tokens, scores = model.encode_image(pixels, with_scores=scored)  # (1, N, D), (1, N) or None
+        vision_s = _now(tokens, *([scores] if scored else [])) - t_pre
+    t_vision = time.perf_counter()
     kept = prune_tokens(tokens, scores, settings.pruner, settings.keep_ratio, settings.seed)
     t_prune = _now(kept.tokens, kept.indices)
     embeds = model.project(kept.tokens)  # left lazy: the projector runs (and is timed) with the prefill
-    timed = (t_pre - start, t_vision - t_pre, t_prune - t_vision)
-    return ImageFeatures(embeds, tokens.shape[1], key, *timed, kept.indices[0])
+    return ImageFeatures(embeds, tokens.shape[1], key, t_pre - start, vision_s, t_prune - t_vision, kept.indices[0])
 
 
 def _now(*arrays: mx.array) -> float:

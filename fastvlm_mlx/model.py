@@ -113,7 +113,14 @@ class FastVLM(nn.Module):
 
     def encode_image(self, pixels: mx.array, with_scores: bool = False):
         """pixels (B, H, W, 3) in [0, 1] -> vision tokens (B, N, D) and optional scores (B, N)."""
-        return self.vision_tower(pixels.astype(self.vision_tower.stem[0].reparam_conv.weight.dtype), with_scores)
+        return self.vision_tower(self._tower_input(pixels), with_scores)
+
+    def encode_image_pieces(self, pixels: mx.array, with_scores: bool = False):
+        """`encode_image` a piece of the tower at a time (FastViT.pieces): its last item is the result."""
+        return self.vision_tower.pieces(self._tower_input(pixels), with_scores)
+
+    def _tower_input(self, pixels: mx.array) -> mx.array:
+        return pixels.astype(self.vision_tower.stem[0].reparam_conv.weight.dtype)
 
     def project(self, tokens: mx.array) -> mx.array:
         return self.projector(tokens)

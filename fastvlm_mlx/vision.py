@@ -140,14 +140,21 @@ class FastVitStage(nn.Module):
         self.blocks = [make() for _ in range(config.layers[i])]
 
     def __call__(self, x: mx.array, with_scores: bool = False):
+        for out in self.pieces(x, with_scores):  # noqa: B007  the last piece is the result
+            pass
+        return out
+
+    def pieces(self, x: mx.array, with_scores: bool = False):
+        """(activation, received) after each block, lazily; only the last block scores."""
         if "downsample" in self:
             x = self.downsample(x)
         if "pos_emb" in self:
             x = self.pos_emb(x)
-        received = None
+        if not self.blocks:
+            yield x, None
         for block in self.blocks:
             x, received = block(x, with_scores and block is self.blocks[-1])
-        return x, received
+            yield x, received
 
 
 class SqueezeExcite(nn.Module):
@@ -188,13 +195,24 @@ class FastViT(nn.Module):
 
         The scores come from the last attention block; with_scores=False never builds maps.
         """
+        for out in self.pieces(pixels, with_scores):  # noqa: B007  the last piece is the result
+            pass
+        return out
+
+    def pieces(self, pixels: mx.array, with_scores: bool = False):
+        """The tower a piece at a time, lazily: yields (activation, None) after the stem and after
+        every block, and last (tokens, scores) as `__call__` returns them. A caller that evaluates
+        each piece can do other work between them (the server decodes between them)."""
         x = pixels
         for layer in self.stem:
             x = layer(x)
+        yield x, None
         scores = None
         for i, stage in enumerate(self.stages):
-            x, received = stage(x, with_scores and i == self.scored_stage)
-            scores = received if received is not None else scores
+            for out, received in stage.pieces(x, with_scores and i == self.scored_stage):
+                scores = received if received is not None else scores
+                yield out, None
+            x = out
         x = self.final_conv(x)
         B, H, W, D = x.shape
-        return x.reshape(B, H * W, D), scores
+        yield x.reshape(B, H * W, D), scores

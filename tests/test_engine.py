@@ -171,3 +171,38 @@ def test_as_many_clients_as_slots_each_keep_their_image_cached(easyvqa):
             for picture in pictures:
                 assert isinstance(ask(running, picture, user(QUESTIONS[0]), max_tokens=2)[-1], Finished)
         assert running.vision_cache.hits >= len(pictures)  # the second round found every image
+
+
+def test_a_new_image_is_encoded_between_decode_steps(easyvqa, endless, pictures, monkeypatch):
+    """While one answer decodes, a new image's tower runs a block at a time between decode steps
+    (VISION_SLICE_S 0: one piece per slice), so the answer in flight never waits for a whole tower."""
+    from fastvlm_mlx import engine as engine_module
+    from fastvlm_mlx.features import features_in_pieces
+
+    seen = []  # decode steps so far, at each piece of the new image's tower
+
+    def watched(*args, **kwargs):
+        steps = features_in_pieces(*args, **kwargs)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+            seen.append(endless.stats["decode_steps"])
+            yield
+
+    model, tokenizer = easyvqa
+    pieces = 1 + sum(max(1, n) for n in model.config.vision.layers) + 1  # the stem, every block, the final conv
+    monkeypatch.setattr(engine_module, "VISION_SLICE_S", 0.0)
+    monkeypatch.setattr(engine_module, "features_in_pieces", watched)
+    flowing = endless.submit(endless.prepare(pictures[0], user("what?"), max_tokens=20000))
+    assert isinstance(flowing.events.get(timeout=30), Delta)
+    assert len(seen) == pieces and set(seen) == {0}  # its own image: nobody decoding yet, the whole tower at once
+    seen.clear()
+    fresh = pictures[1].copy()
+    fresh.putpixel((0, 0), (1, 2, 3))  # never seen: the tower runs
+    answer = ask(endless, fresh, user(QUESTIONS[0]), max_tokens=8)[-1]
+    flowing.cancel()
+    assert answer.text.startswith(generate(model, tokenizer, fresh, QUESTIONS[0], max_tokens=8).text)  # no eos here
+    assert len(seen) == pieces
+    assert all(later > earlier for earlier, later in zip(seen, seen[1:], strict=False)), seen

@@ -238,13 +238,13 @@ def test_a_wrong_or_missing_key_is_401(server):
 def gated(easyvqa, monkeypatch):
     """A one-slot server (one more may wait) whose vision stage waits for `gate`; answers never end of
     themselves (no end-of-sequence id), and requests time out after 1.5 s."""
-    gate, real = threading.Event(), engine_module.image_features
+    gate, real = threading.Event(), engine_module.features_in_pieces
 
     def waiting(*args, **kwargs):
         gate.wait(30)
-        return real(*args, **kwargs)
+        return (yield from real(*args, **kwargs))
 
-    monkeypatch.setattr(engine_module, "image_features", waiting)
+    monkeypatch.setattr(engine_module, "features_in_pieces", waiting)
     engine = Engine(*easyvqa, max_batch=1, max_queue=1)
     engine.eos = []
     limits = Limits(timeout_s=1.5)
