@@ -56,7 +56,7 @@ def wilson(hits: int, n: int) -> tuple[float, float]:
     p = hits / n
     centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
     half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))  # rounding never leaves p outside
 
 
 def summarize(correct: np.ndarray, kinds: list[str]) -> dict:

@@ -195,3 +195,13 @@ def test_bench_reads_the_mosaic_dataset(tmp_path):
     drawn = [q for _, qs in mosaic.test_set(3) for q in qs]
     assert [(i.prompt, i.answer) for i in items] == [(q.text, q.answer) for q in drawn][:40]
     assert all((tmp_path / "mosaic-test" / "images").is_dir() and Path(i.image).is_file() for i in items)
+
+
+@pytest.mark.parametrize("hits, n", [(0, 17), (17, 17), (0, 1), (1, 1), (50, 100), (1799, 1809)])
+def test_wilson_intervals_hold_the_estimate(hits, n):
+    from bench.mosaic_accuracy import wilson
+
+    low, high = wilson(hits, n)
+    assert 0 <= low <= hits / n <= high <= 1  # at 0 and n rounding once put p just outside (a negative error bar)
+    if (hits, n) == (50, 100):
+        assert (round(low, 4), round(high, 4)) == (0.4038, 0.5962)  # the textbook value
