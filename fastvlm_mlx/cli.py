@@ -338,11 +338,14 @@ def prune_viz(model_dir, image, pruner, keep_ratio, image_size, seed, output, fo
 @click.option("--allow-local-files", is_flag=True, help="Let image_url name a file on this machine.")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 256), help="Decoded at once.")
 @click.option("--max-queue", default=32, show_default=True, type=click.IntRange(0), help="Waiting; more: 429.")
+@click.option("--vision-slice", "vision_slice_s", default=0.25, show_default=True, type=FiniteFloat(min=0.0),
+              help="Seconds of a new image's vision tower between decode steps (less: shorter stalls).")  # fmt: skip
 @click.option("--timeout", "timeout_s", default=300.0, show_default=True, type=FiniteFloat(min=0.1), help="Seconds.")
 @click.option("--max-image-bytes", default=20 * 2**20, show_default=True, type=click.IntRange(1), help="More: 413.")
 @click.option("--max-image-pixels", default=4096 * 4096, show_default=True, type=click.IntRange(1), help="More: 413.")
 @_fail_cleanly
-def serve(model_dir, host, port, api_key, allow_local_files, max_batch, max_queue, timeout_s, **image_limits) -> None:
+def serve(model_dir, host, port, api_key, allow_local_files, max_batch, max_queue, vision_slice_s, timeout_s,
+          **image_limits) -> None:  # fmt: skip
     """An OpenAI-compatible server (POST /v1/chat/completions, GET /v1/models, GET /health)
     that batches concurrent requests; needs the server extra (fastapi, uvicorn)."""
     try:
@@ -353,7 +356,7 @@ def serve(model_dir, host, port, api_key, allow_local_files, max_batch, max_queu
 
     limits = Limits(timeout_s=timeout_s, **image_limits)
     run(model_dir, host=host, port=port, api_key=api_key, allow_local_files=allow_local_files, max_batch=max_batch,
-        max_queue=max_queue, limits=limits)  # fmt: skip
+        max_queue=max_queue, vision_slice_s=vision_slice_s, limits=limits)  # fmt: skip
 
 
 def _split(text: str, kind=str) -> list:

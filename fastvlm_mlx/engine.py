@@ -6,7 +6,7 @@ only, and ours are input embeddings with the image spliced in, so the engine pre
 prompt but its last position itself, into a per-request `KVCache`, in chunks between decode
 steps (a long prompt never stalls the others for more than one chunk), then inserts the last
 token with that cache. The vision tower of a new image runs the same way, in slices of its
-blocks between decode steps (`VISION_SLICE_S`) while others decode. Finished requests leave
+blocks between decode steps (`vision_slice_s`) while others decode. Finished requests leave
 their caches in mlx-lm's `LRUPromptCache`, keyed by the image's feature key and the prompt's
 positions, so a follow-up turn prefills only what it adds; the vision stage goes through a
 `VisionCache`.
@@ -160,7 +160,9 @@ class Engine:
     """Continuous batching over one model; `start` the worker, `submit` jobs, `close` when done.
 
     `max_batch` requests prefill or decode at once, `max_queue` more may wait; past that
-    `submit` raises QueueFull. `prefill_chunk` positions are prefilled between two decode steps."""
+    `submit` raises QueueFull. `prefill_chunk` positions are prefilled between two decode steps, and
+    a new image's vision tower runs for `vision_slice_s` (at least one block) between two: smaller
+    means shorter stalls for the answers streaming, later first tokens for new images."""
 
     def __init__(
         self,
@@ -170,12 +172,16 @@ class Engine:
         max_batch: int = 8,
         max_queue: int = 32,
         prefill_chunk: int = INTERLEAVED_CHUNK,
+        vision_slice_s: float = VISION_SLICE_S,
         vision_cache: VisionCache | None = None,
         prompt_cache_entries: int | None = None,
         prompt_cache_bytes: int = 2 << 30,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        if not (isinstance(vision_slice_s, int | float) and vision_slice_s >= 0):  # NaN fails too
+            raise UserError(f"vision_slice_s must be a number of seconds >= 0, not {vision_slice_s!r}")
+        self.vision_slice_s = vision_slice_s
         # Room for two conversations per slot, in both caches: with fewer vision entries than clients, each
         # request found its prompt prefix cached but ran the vision tower again (16 clients, 8 entries: 1.8 s).
         entries = 2 * max_batch if prompt_cache_entries is None else prompt_cache_entries
@@ -416,13 +422,13 @@ class Engine:
             self._decoding[uid] = slot
 
     def _vision_step(self, slot: _Slot) -> None:
-        """The image's features: from the vision cache, else the tower's blocks for VISION_SLICE_S
+        """The image's features: from the vision cache, else the tower's blocks for `vision_slice_s`
         (all of them when nobody is decoding); once done, the prompt cache's part (`_start_prefill`)."""
         if slot.encoding is None:
             slot.t_start = time.perf_counter()
             job = slot.job
             slot.encoding = features_in_pieces(self.model, job.picture, job.settings, self.vision_cache)
-        until = time.perf_counter() + VISION_SLICE_S
+        until = time.perf_counter() + self.vision_slice_s
         try:
             while True:
                 next(slot.encoding)

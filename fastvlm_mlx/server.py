@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from fastvlm_mlx.engine import Delta, Engine, Failed, Finished, QueueFull
+from fastvlm_mlx.engine import VISION_SLICE_S, Delta, Engine, Failed, Finished, QueueFull
 from fastvlm_mlx.errors import UserError
 from fastvlm_mlx.images import ImageTooLarge, data_url_bytes, fetch, read_image
 from fastvlm_mlx.preprocess import ImageError
@@ -442,6 +442,7 @@ def serve(
     allow_local_files: bool = False,
     max_batch: int = 8,
     max_queue: int = 32,
+    vision_slice_s: float = VISION_SLICE_S,
     limits: Limits = Limits(),
 ) -> None:
     """Load `model` (a folder, checkpoint or repo id; default: the shipped one) and serve it until stopped."""
@@ -450,7 +451,7 @@ def serve(
     from fastvlm_mlx.hub import load
 
     loaded, tokenizer = load(model)
-    engine = Engine(loaded, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(loaded, tokenizer, max_batch=max_batch, max_queue=max_queue, vision_slice_s=vision_slice_s)
     model_id = model or "fastvlm-easyvqa"
     app = create_app(loaded, tokenizer, model_id=model_id, api_key=api_key, allow_local_files=allow_local_files,
                      limits=limits, engine=engine)  # fmt: skip

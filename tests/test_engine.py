@@ -175,7 +175,7 @@ def test_as_many_clients_as_slots_each_keep_their_image_cached(easyvqa):
 
 def test_a_new_image_is_encoded_between_decode_steps(easyvqa, endless, pictures, monkeypatch):
     """While one answer decodes, a new image's tower runs a block at a time between decode steps
-    (VISION_SLICE_S 0: one piece per slice), so the answer in flight never waits for a whole tower."""
+    (vision_slice_s 0: one piece per slice), so the answer in flight never waits for a whole tower."""
     from fastvlm_mlx import engine as engine_module
     from fastvlm_mlx.features import features_in_pieces
 
@@ -193,7 +193,7 @@ def test_a_new_image_is_encoded_between_decode_steps(easyvqa, endless, pictures,
 
     model, tokenizer = easyvqa
     pieces = 1 + sum(max(1, n) for n in model.config.vision.layers) + 1  # the stem, every block, the final conv
-    monkeypatch.setattr(engine_module, "VISION_SLICE_S", 0.0)
+    monkeypatch.setattr(endless, "vision_slice_s", 0.0)
     monkeypatch.setattr(engine_module, "features_in_pieces", watched)
     flowing = endless.submit(endless.prepare(pictures[0], user("what?"), max_tokens=20000))
     assert isinstance(flowing.events.get(timeout=30), Delta)
@@ -206,3 +206,9 @@ def test_a_new_image_is_encoded_between_decode_steps(easyvqa, endless, pictures,
     assert answer.text.startswith(generate(model, tokenizer, fresh, QUESTIONS[0], max_tokens=8).text)  # no eos here
     assert len(seen) == pieces
     assert all(later > earlier for earlier, later in zip(seen, seen[1:], strict=False)), seen
+
+
+@pytest.mark.parametrize("seconds", [float("nan"), -1.0, "0.25", None])
+def test_a_bad_vision_slice_is_a_user_error(easyvqa, seconds):
+    with pytest.raises(UserError, match="vision_slice_s"):
+        Engine(*easyvqa, vision_slice_s=seconds)
