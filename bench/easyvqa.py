@@ -118,15 +118,18 @@ def evaluate_mlx(
     kept visual tokens take the RoPE positions they had unpruned and the text continues from the
     unpruned length (as `generate(..., keep_positions=True)`). `progress(n)` is told how many
     images were done. A `vision_cache` dict keeps each batch's vision tokens and scores for the
-    next call with the same data, batching and size (pruners x ratios encode the images once)."""
+    next call with the same data, batching and size (pruners x ratios encode the images once).
+    An instruction-aware pruner (`cdpruner`) prunes each question's own copy of its image, ranked by
+    the question's text as `generate` does, so those rows prefill the image once per question."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    from fastvlm_mlx.features import prune_tokens
+    from fastvlm_mlx.features import prompt_relevance, prune_tokens
     from fastvlm_mlx.model import carry_positions, gap_positions
-    from pruners import needs_scores
+    from fastvlm_mlx.prompt import instruction_ids
+    from pruners import needs_prompt, needs_scores
 
-    scored = needs_scores(pruner, keep_ratio)
+    scored, per_question = needs_scores(pruner, keep_ratio), needs_prompt(pruner, keep_ratio)
     before, sequences, lengths = answer_sequences(tokenizer, data)
     groups = by_image(data)
     images = list(groups)
@@ -145,10 +148,15 @@ def evaluate_mlx(
                 mx.eval(encoded)
                 vision_cache[key] = encoded
         tokens, scores = encoded if vision_cache is None else vision_cache[key]
-        pruned = prune_tokens(tokens, scores, pruner, keep_ratio, seed)
-        image = model.project(pruned.tokens)
         questions = [q for i in chunk for q in groups[i]]
         slots = [n for n, i in enumerate(chunk) for _ in groups[i]]
+        if per_question:  # each question ranks its image's tokens by its own text: one image copy per question
+            tokens = tokens[mx.array(slots)]
+            scores = mx.concatenate([
+                prompt_relevance(model, tokens[row : row + 1], instruction_ids(tokenizer, data.questions[q]))
+                for row, q in enumerate(questions)])  # fmt: skip
+        pruned = prune_tokens(tokens, scores, pruner, keep_ratio, seed)
+        image = model.project(pruned.tokens)
         width = max(len(sequences[q]) for q in questions)
         ids = np.full((len(questions), width), pad, dtype=np.int32)
         for row, q in enumerate(questions):
@@ -160,11 +168,13 @@ def evaluate_mlx(
         cache = make_prompt_cache(model.language_model)
         carry_positions(cache, image_rows)
         model.language_model(None, cache=cache, input_embeddings=mx.concatenate([
-            mx.broadcast_to(prefix, (len(chunk), *prefix.shape[1:])), image.astype(prefix.dtype)], axis=1))  # fmt: skip
-        for layer in cache:  # the prompt up to the image once per image, copied to each of its questions
-            keys, values, filled = layer.state
-            layer.state = (keys[:, :, :filled][mx.array(slots)], values[:, :, :filled][mx.array(slots)], filled)
-        carry_positions(cache, None if image_rows is None else [image_rows[n] for n in slots])
+            mx.broadcast_to(prefix, (len(image), *prefix.shape[1:])), image.astype(prefix.dtype)], axis=1))  # fmt: skip
+        if not per_question:
+            for layer in cache:  # the prompt up to the image once per image, copied to each of its questions
+                keys, values, filled = layer.state
+                layer.state = (keys[:, :, :filled][mx.array(slots)], values[:, :, :filled][mx.array(slots)], filled)
+            image_rows = None if image_rows is None else [image_rows[n] for n in slots]
+        carry_positions(cache, image_rows)
         logits = model.language_model(None, cache=cache, input_embeddings=embed(mx.array(ids)))
         best = np.array(mx.argmax(logits, axis=-1))
         for row, q in enumerate(questions):

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from bench.torch_pruners import torch_prune
+from bench.torch_pruners import torch_prune, torch_relevance
 from convert.torch_model import attention_received, last_attention
 from fastvlm_mlx.generate import GenerationResult, Timings
 from fastvlm_mlx.preprocess import load_image, preprocess
-from fastvlm_mlx.prompt import tokenize_prompt
-from pruners import needs_scores
+from fastvlm_mlx.prompt import instruction_ids, tokenize_prompt
+from pruners import needs_prompt, needs_scores
 
 
 def _sync(device: torch.device) -> float:
@@ -70,6 +70,9 @@ def torch_generate(
 
     vision, scores = encode_image(model, pixels, scored)  # (1, N, D), (1, N) or None
     t_vision = _sync(device)
+    if needs_prompt(pruner, keep_ratio):  # instruction-aware: relevance to the question's text, as the MLX side
+        question = model.get_input_embeddings()(torch.tensor(instruction_ids(tokenizer, prompt), device=device))
+        scores = torch_relevance(model.model.multi_modal_projector(vision), question)
     kept, indices = (vision, None) if pruner is None else torch_prune(pruner, vision, keep_ratio, scores, seed=seed)[:2]
     t_prune = _sync(device)
     positions = None

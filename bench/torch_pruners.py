@@ -9,6 +9,7 @@ import torch
 
 from pruners.merging import CONTEXTUAL_SHARE, pool_cells
 from pruners.registry import get_pruner, keep_count, square_grid
+from pruners.selection import CDPRUNER_THETA, SPENT
 
 _MASK32 = 0xFFFFFFFF
 
@@ -128,6 +129,27 @@ def _visionzip(tokens, k, scores, grid, seed):
     return _anchor_plus_mean(tokens, anchors, _nearest_sources(anchors, targets, _cosine(tokens, target_tokens)))
 
 
+def _cdpruner(tokens, k, relevance, grid, seed):
+    B, n, _ = tokens.shape
+    quality = torch.exp(CDPRUNER_THETA / (2 * (1 - CDPRUNER_THETA)) * relevance)
+    kernel = quality[:, :, None] * _cosine(tokens, tokens) * quality[:, None, :]
+    gains, rows = quality * quality, torch.arange(B, device=tokens.device)
+    chosen, picks, directions = torch.zeros(B, n, dtype=torch.bool, device=tokens.device), [], None
+    for _ in range(k):
+        usable = gains > SPENT * quality * quality
+        rank = torch.where(usable, gains, quality - 10).masked_fill(chosen, -torch.inf)
+        picked = rank.argmax(-1)
+        row = kernel[rows, picked]
+        if directions is not None:
+            row = row - (directions[rows, :, picked][..., None] * directions).sum(1)
+        step = torch.where(usable[rows, picked][:, None], row / gains[rows, picked][:, None].sqrt(), 0)
+        directions = step[:, None] if directions is None else torch.cat([directions, step[:, None]], 1)
+        gains = gains - step * step
+        chosen[rows, picked] = True
+        picks.append(picked)
+    return _select(tokens, torch.stack(picks, 1).sort(-1).values)
+
+
 METHODS = {
     "norm": _norm,
     "attention": _attention,
@@ -136,17 +158,27 @@ METHODS = {
     "similarity": _similarity,
     "pool": _pool,
     "visionzip": _visionzip,
+    "cdpruner": _cdpruner,
 }
 
 
 def torch_prune(name: str, tokens: torch.Tensor, keep_ratio: float, scores=None, grid=None, seed: int = 0):
-    """PyTorch twin of `pruners.prune`: (tokens (B, k, D), indices (B, k), sources (B, N))."""
+    """PyTorch twin of `pruners.prune`: (tokens (B, k, D), indices (B, k), sources (B, N)). `scores` are
+    attention received, or relevance to the prompt for `cdpruner` (`torch_relevance`)."""
     pruner = get_pruner(name)  # same validation and error messages as the MLX side
     B, n, _ = tokens.shape
     k = keep_count(n, keep_ratio)
     if k == n:
         positions = torch.arange(n, device=tokens.device).expand(B, n)
         return tokens, positions, positions
-    if pruner.needs_scores and scores is None:
-        raise ValueError(f"pruner {name!r} needs attention scores")
+    if (pruner.needs_scores or pruner.needs_prompt) and scores is None:
+        raise ValueError(f"pruner {name!r} needs {'relevance' if pruner.needs_prompt else 'attention'} scores")
     return METHODS[name](tokens, k, scores, grid or square_grid(n), seed)
+
+
+def torch_relevance(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """PyTorch twin of `fastvlm_mlx.features.relevance`: projected visual tokens (B, N, H) and the
+    prompt's text embeddings (M, H) -> (B, N) in [0, 1]."""
+    closeness = -_cosine(image, text[None].expand(len(image), -1, -1)).mean(-1)
+    low, high = closeness.min(-1, keepdim=True).values, closeness.max(-1, keepdim=True).values
+    return (closeness - low) / (high - low + 1e-6)

@@ -28,7 +28,7 @@ from bench.torch_pipeline import encode_image
 from bench.torch_pruners import torch_prune
 from convert.convert import convert
 from fastvlm_mlx.prompt import SYSTEM_PROMPT
-from pruners import PRUNERS, needs_scores
+from pruners import needs_scores
 
 IMAGE_SIZE = 128
 # fastvit_mci3 with one block per stage and two downsampling stages: stride 16, so 128x128
@@ -52,7 +52,9 @@ LR, PRUNE_LR = 5e-4, 2e-4  # peaks of the two phases' cosine schedules
 # Phase 2, per step: no pruning with probability UNPRUNED_SHARE, else a uniformly drawn method and ratio.
 UNPRUNED_SHARE = 0.4
 TRAIN_KEEP_RATIOS = (0.5, 0.25, 0.125)
-TRAIN_PRUNERS = tuple(sorted(PRUNERS))  # every method, in a fixed order (the draws depend on it)
+# The methods of the shipped model's recipe, in a fixed order (the draws depend on it); not the
+# instruction-aware `cdpruner`, which came later and ranks by a question.
+TRAIN_PRUNERS = ("attention", "divprune", "norm", "pool", "random", "similarity", "visionzip")
 
 
 def build_tokenizer(directory: Path, data: easyvqa.Split):

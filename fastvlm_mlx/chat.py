@@ -97,6 +97,8 @@ class ChatSession:
         else:
             messages = as_messages(prompt)
         known = {i: ids for i, ids in self.answer_ids.items() if messages[i : i + 1] == self.messages[i : i + 1]}
+        if self.features is None:  # an instruction-aware pruner ranks the image's tokens by the first question
+            self.settings = self.settings.for_prompt(self.tokenizer, messages)
         visual = self.features.tokens_after if self.features else self.settings.visual_tokens(self.model.config)
         turn_prompt = make_prompt(self.tokenizer, messages, visual, self._features, known)
         turn_prompt.image_span = self.settings.image_span(self.model.config)

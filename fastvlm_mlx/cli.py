@@ -316,17 +316,19 @@ def export_coreml(src, out, pruner, keep_ratio, image_size, seed, precision, for
 @KEEP_RATIO
 @IMAGE_SIZE
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for the random pruner.")
+@click.option("--prompt", default=None, help="The question, for an instruction-aware pruner (cdpruner).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="PNG to write.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @_fail_cleanly
-def prune_viz(model_dir, image, pruner, keep_ratio, image_size, seed, output, force) -> None:
+def prune_viz(model_dir, image, pruner, keep_ratio, image_size, seed, prompt, output, force) -> None:
     """Draw which visual tokens PRUNER keeps: kept clear, dropped dimmed, merged groups coloured."""
     from fastvlm_mlx.load import load_model
     from fastvlm_mlx.pruneviz import draw_pruning
 
     folder, picture = _check_inputs(model_dir, image, pruner, keep_ratio, image_size)
-    model, _ = load_model(folder)
-    written = draw_pruning(model, picture, pruner, keep_ratio, output, image_size=image_size, seed=seed, force=force)
+    model, tokenizer = load_model(folder)
+    written = draw_pruning(model, picture, pruner, keep_ratio, output, image_size=image_size, seed=seed, force=force,
+                           prompt=prompt, tokenizer=tokenizer)  # fmt: skip
     click.echo(f"wrote {written}", err=True)
 
 

@@ -243,6 +243,7 @@ class Engine:
                 if m["role"] == "assistant" and isinstance(m["content"], str) and m["content"] in self._answers
             }
         prompt = make_prompt(self.tokenizer, messages, settings.visual_tokens(self.model.config), known=known)
+        settings = settings.for_prompt(self.tokenizer, messages)
         if prompt.positions[-1] == IMAGE_POSITION:
             raise UserError("the chat template ends the prompt with the image; it must end with text")
         max_tokens = min(max_tokens, room_to_answer(self.model.config, len(prompt.positions)))

@@ -10,7 +10,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 from PIL import Image
@@ -20,7 +20,9 @@ from fastvlm_mlx.errors import UserError
 from fastvlm_mlx.images import ImageInput, image_digest, read_image
 from fastvlm_mlx.model import FastVLM
 from fastvlm_mlx.preprocess import preprocess
-from pruners import Pruned, identity, keep_count, needs_scores, prune
+from fastvlm_mlx.prompt import instruction_ids
+from pruners import Pruned, identity, keep_count, needs_prompt, needs_scores, prune
+from pruners.ops import cosine_similarity
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class VisionSettings:
     keep_ratio: float
     seed: int  # the random pruner's draw
     keep_positions: bool = False  # kept visual tokens keep their unpruned RoPE positions (GAP)
+    instruction: tuple[int, ...] = ()  # the prompt's text ids, for an instruction-aware pruner (`for_prompt`)
 
     @classmethod
     def resolve(
@@ -47,6 +50,16 @@ class VisionSettings:
                 f"keep_positions must be True or False (or None: the model's default), not {keep_positions!r}"
             )
         return cls(size, pruner, keep_ratio, seed or 0, keep_positions)
+
+    def for_prompt(self, tokenizer, messages) -> "VisionSettings":
+        """These settings with the instruction an instruction-aware pruner (`cdpruner`) ranks the image's
+        tokens against: the first user message's text (`instruction_ids`). Unchanged for any other pruner."""
+        if not needs_prompt(self.pruner, self.keep_ratio):
+            return self
+        ids = tuple(instruction_ids(tokenizer, messages))
+        if not ids:
+            raise UserError(f"pruner {self.pruner!r} ranks the image's tokens by the question; the prompt has no text")
+        return replace(self, instruction=ids)
 
     def tokens_before(self, config) -> int:
         """How many visual tokens the vision tower makes at this input size."""
@@ -66,7 +79,7 @@ class VisionSettings:
 class ImageFeatures:
     embeds: mx.array  # (1, k, H) projected visual tokens
     tokens_before: int  # N, the tower's output tokens before pruning
-    key: tuple  # (image hash, size, mode, pruner, ratio, seed): equal keys, equal features
+    key: tuple  # (image hash, size, mode, pruner, ratio, seed, instruction): equal keys, equal features
     preprocess_s: float  # image decode and resize (0 when cached)
     vision_s: float  # vision tower (0 when cached)
     prune_s: float  # pruning (0 when cached)
@@ -143,7 +156,8 @@ def finish(steps: Generator):
 def feature_key(config, picture: Image.Image, settings: VisionSettings) -> tuple:
     seed = settings.seed if settings.pruner is not None else None  # only a pruner draws with it
     mode, ratio = config.preprocess_mode, settings.keep_ratio
-    return (image_digest(picture), settings.image_size, mode, settings.pruner, ratio, seed)
+    instruction = settings.instruction if needs_prompt(settings.pruner, ratio) else ()
+    return (image_digest(picture), settings.image_size, mode, settings.pruner, ratio, seed, instruction)
 
 
 def encode(
@@ -164,10 +178,30 @@ def encode(
         tokens, scores = model.encode_image(pixels, with_scores=scored)  # (1, N, D), (1, N) or None
         vision_s = _now(tokens, *([scores] if scored else [])) - t_pre
     t_vision = time.perf_counter()
+    if needs_prompt(settings.pruner, settings.keep_ratio):  # counted as pruning
+        scores = prompt_relevance(model, tokens, settings.instruction)
     kept = prune_tokens(tokens, scores, settings.pruner, settings.keep_ratio, settings.seed)
     t_prune = _now(kept.tokens, kept.indices)
     embeds = model.project(kept.tokens)  # left lazy: the projector runs (and is timed) with the prefill
     return ImageFeatures(embeds, tokens.shape[1], key, t_pre - start, vision_s, t_prune - t_vision, kept.indices[0])
+
+
+def prompt_relevance(model: FastVLM, tokens: mx.array, instruction) -> mx.array:
+    """Each visual token's relevance (B, N) to the prompt's text ids `instruction` (`relevance`), for
+    an instruction-aware pruner: the tokens projected into the LLM's space against the text's embeddings."""
+    if len(instruction) == 0:
+        raise UserError("an instruction-aware pruner needs the prompt's text ids (VisionSettings.for_prompt)")
+    text = model.language_model.model.embed_tokens(mx.array(list(instruction), dtype=mx.int32))
+    return relevance(model.project(tokens), text.astype(tokens.dtype))
+
+
+def relevance(image: mx.array, text: mx.array) -> mx.array:
+    """Projected visual tokens (B, N, H) and text embeddings (M, H) -> (B, N) in [0, 1] per image:
+    the negated mean cosine similarity of each token to the text, min-max scaled, as in CDPruner's
+    reference code (its sign included)."""
+    closeness = -cosine_similarity(image, mx.broadcast_to(text[None], (image.shape[0], *text.shape))).mean(axis=-1)
+    low, high = closeness.min(axis=-1, keepdims=True), closeness.max(axis=-1, keepdims=True)
+    return (closeness - low) / (high - low + 1e-6)
 
 
 def _now(*arrays: mx.array) -> float:

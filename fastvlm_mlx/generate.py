@@ -279,6 +279,7 @@ def _one_turn(model, tokenizer, image, prompt, max_tokens, temperature, top_p, i
         mx.random.seed(seed)
     prepared = make_prompt(tokenizer, prompt, settings.visual_tokens(model.config))
     prepared.image_span = settings.image_span(model.config)
+    settings = settings.for_prompt(tokenizer, prepared.messages)
     prepared.features = lambda: image_features(model, image, settings, vision_cache)
     options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=logprobs)
     return Turn(model, tokenizer, prepared, **options)

@@ -130,6 +130,15 @@ def tokenize_messages(
     return ids[:image_at], ids[image_at:]
 
 
+def instruction_ids(tokenizer, messages: str | list[dict]) -> list[int]:
+    """The ids of the first user message's text alone (the message the image is in; never parsed for
+    special tokens): what an instruction-aware pruner (`cdpruner`) ranks the image's tokens against.
+    A conversation's later turns keep the tokens its first question chose, and so their caches."""
+    messages = as_messages(messages)
+    first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    return _encode_text(tokenizer, [message_text(messages[first], first)])
+
+
 def _render_with_slots(tokenizer, messages: list[dict], template: str) -> str:
     """The template rendered with slot markers for the texts: string contents first, then (for
     templates that only read content parts) an image part and a text part."""

@@ -11,13 +11,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from fastvlm_mlx.config import check_image_size
 from fastvlm_mlx.errors import UserError, check_writable, naming
-from fastvlm_mlx.features import resolve_pruning
+from fastvlm_mlx.features import prompt_relevance, resolve_pruning
 from fastvlm_mlx.files import create_new, rename_no_replace
 from fastvlm_mlx.generate import check_seed
 from fastvlm_mlx.images import ImageInput, read_image
 from fastvlm_mlx.model import FastVLM
 from fastvlm_mlx.preprocess import preprocess
-from pruners import check, prune
+from fastvlm_mlx.prompt import instruction_ids
+from pruners import check, needs_prompt, prune
 
 DIM = 0.25  # brightness of dropped tokens
 TINT = 0.45  # colour weight on tokens merged into a group
@@ -63,18 +64,25 @@ def draw_pruning(
     image_size: int | None = None,
     seed: int = 0,
     force: bool = False,
+    prompt: str | None = None,
+    tokenizer=None,
 ) -> Path:
-    """Run the vision tower and `pruner` on the image and write the picture to `output` (PNG)."""
+    """Run the vision tower and `pruner` on the image and write the picture to `output` (PNG). An
+    instruction-aware pruner (`cdpruner`) ranks the tokens by `prompt` (with the model's `tokenizer`)."""
     output = check_output_file(Path(output), force)
     config = model.config
     pruner, keep_ratio = resolve_pruning(config, pruner, keep_ratio)
     if pruner is None:
         raise UserError("prune-viz needs a pruner: add --pruner NAME --keep-ratio R (e.g. divprune 0.25)")
     needs_scores = check(pruner, keep_ratio).needs_scores
+    if needs_prompt(pruner, keep_ratio) and not (prompt and tokenizer is not None):
+        raise UserError(f"--pruner {pruner} ranks the tokens by a question: add --prompt TEXT")
     check_seed(seed)
     size = check_image_size(image_size or config.image_size, config.vision.stride)
     pixels = preprocess(read_image(image), size, config.preprocess_mode)
     tokens, scores = model.encode_image(mx.array(pixels), with_scores=needs_scores)
+    if needs_prompt(pruner, keep_ratio):
+        scores = prompt_relevance(model, tokens, instruction_ids(tokenizer, prompt))
     kept = prune(pruner, tokens, keep_ratio, scores=scores, seed=seed)
     N, k = tokens.shape[1], kept.tokens.shape[1]
     title = f"{pruner} keep_ratio={keep_ratio}: {k}/{N} tokens"

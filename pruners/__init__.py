@@ -13,6 +13,7 @@ from pruners.registry import (
     get_pruner,
     identity,
     keep_count,
+    needs_prompt,
     needs_scores,
     prune,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "get_pruner",
     "identity",
     "keep_count",
+    "needs_prompt",
     "needs_scores",
     "prune",
 ]

@@ -18,7 +18,8 @@ class Pruned(NamedTuple):
     sources: mx.array  # (B, N) int32: the output slot each source token fed, -1 if dropped
 
 
-# fn(tokens (B, N, D), k, scores (B, N) or None, grid (h, w), seed) -> Pruned
+# fn(tokens (B, N, D), k, scores (B, N) or None, grid (h, w), seed) -> Pruned; `scores` are the attention
+# each token received (`needs_scores`) or its relevance to the prompt (`needs_prompt`), else None.
 PrunerFn = Callable[[mx.array, int, mx.array | None, tuple[int, int], int], Pruned]
 
 
@@ -28,14 +29,15 @@ class Pruner:
     fn: PrunerFn
     needs_scores: bool  # needs attention received from the vision tower's last attention block
     merges: bool  # outputs are averages of several source tokens
+    needs_prompt: bool = False  # needs each token's relevance to the prompt's text (instruction-aware)
 
 
 PRUNERS: dict[str, Pruner] = {}
 
 
-def register(name: str, needs_scores: bool = False, merges: bool = False):
+def register(name: str, needs_scores: bool = False, merges: bool = False, needs_prompt: bool = False):
     def add(fn: PrunerFn) -> PrunerFn:
-        PRUNERS[name] = Pruner(name, fn, needs_scores, merges)
+        PRUNERS[name] = Pruner(name, fn, needs_scores, merges, needs_prompt)
         return fn
 
     return add
@@ -58,6 +60,11 @@ def needs_scores(name: str | None, keep_ratio: float) -> bool:
 
     Never at ratio 1: nothing is pruned, so the tower keeps its fused attention."""
     return name is not None and check(name, keep_ratio).needs_scores and keep_ratio < 1
+
+
+def needs_prompt(name: str | None, keep_ratio: float) -> bool:
+    """Whether running `name` at `keep_ratio` needs each token's relevance to the prompt (never at ratio 1)."""
+    return name is not None and check(name, keep_ratio).needs_prompt and keep_ratio < 1
 
 
 def keep_count(num_tokens: int, keep_ratio: float) -> int:
@@ -91,7 +98,8 @@ def prune(
     """Prune tokens (B, N, D) to k = max(1, round(keep_ratio * N)) with the named method.
 
     `keep_ratio = 1` returns the tokens untouched. `scores` (B, N) is the attention each
-    token received, needed by methods with `needs_scores`.
+    token received, needed by methods with `needs_scores`, or for methods with `needs_prompt`
+    each token's relevance to the prompt (`fastvlm_mlx.features.prompt_relevance`).
     """
     pruner = get_pruner(name)
     N = tokens.shape[1]
@@ -101,6 +109,7 @@ def prune(
         raise PrunerError(f"grid {grid} does not hold {N} tokens")
     if k == N:  # before the scores check: at ratio 1 the pipeline asks the tower for none (`needs_scores`)
         return identity(tokens)
-    if pruner.needs_scores and (scores is None or scores.shape != tokens.shape[:2]):
-        raise PrunerError(f"pruner {name!r} needs attention scores of shape {tokens.shape[:2]}")
+    if (pruner.needs_scores or pruner.needs_prompt) and (scores is None or scores.shape != tokens.shape[:2]):
+        what = "relevance-to-the-prompt scores" if pruner.needs_prompt else "attention scores"
+        raise PrunerError(f"pruner {name!r} needs {what} of shape {tokens.shape[:2]}")
     return pruner.fn(tokens, k, scores, grid, seed)

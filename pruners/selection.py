@@ -67,3 +67,42 @@ def divprune(tokens: mx.array, k: int, scores, grid, seed) -> Pruned:
         chosen, picks = chosen | (picked[:, None] == positions), [*picks, picked]
         to_chosen = mx.minimum(to_chosen, mx.take_along_axis(distance, picked[:, None, None], axis=1)[:, 0])
     return select(tokens, mx.sort(mx.stack(picks, axis=1), axis=-1).astype(mx.int32))
+
+
+CDPRUNER_THETA = 0.5  # the official default: relevance r in [0, 1] weighs a token by exp(theta / (2 (1 - theta)) r)
+SPENT = 1e-4  # a token whose direction the chosen ones already hold but this share of (squared) is spent
+
+
+@register("cdpruner", needs_prompt=True)
+def cdpruner(tokens: mx.array, k: int, relevance: mx.array, grid, seed) -> Pruned:
+    """Instruction-aware diversity (CDPruner, Zhang et al. 2025, arXiv 2506.10967).
+
+    A determinantal point process whose kernel is the tokens' cosine similarity conditioned on
+    their relevance to the prompt, L = diag(q) S diag(q) with q = exp(theta / (2 (1 - theta)) r),
+    and its greedy MAP (Chen et al. 2018's incremental Cholesky): each step keeps the token that
+    adds the most log-determinant, i.e. relevant and unlike the tokens kept so far. `relevance`
+    (B, N) in [0, 1] comes from `fastvlm_mlx.features.prompt_relevance`.
+
+    Deviation from the official code: once the kept tokens span a token's direction (its share
+    of new volume is under SPENT), it is no longer ranked by that numerical residue; such tokens
+    fill the remaining places in order of relevance (the official greedy divides by the residue
+    there, so its late picks are rounding noise when k exceeds the features' rank).
+    """
+    B, N, _ = tokens.shape
+    quality = mx.exp(CDPRUNER_THETA / (2 * (1 - CDPRUNER_THETA)) * relevance)  # (B, N), in [1, e^0.5]
+    kernel = quality[:, :, None] * cosine_similarity(tokens, tokens) * quality[:, None, :]  # (B, N, N)
+    gains = quality * quality  # the kernel's diagonal: each token's log-det gain while nothing is kept
+    positions, chosen, picks, directions = mx.arange(N), mx.zeros((B, N), dtype=mx.bool_), [], None
+    for _ in range(k):
+        usable = gains > SPENT * quality * quality
+        rank = mx.where(chosen, -mx.inf, mx.where(usable, gains, quality - 10))  # spent ones last, by relevance
+        picked = mx.argmax(rank, axis=-1)  # (B,)
+        row = mx.take_along_axis(kernel, picked[:, None, None], axis=1)[:, 0]  # (B, N)
+        if directions is not None:  # minus what the kept tokens' directions already explain
+            row = row - (mx.take_along_axis(directions, picked[:, None, None], axis=2) * directions).sum(axis=1)
+        gain = mx.take_along_axis(gains, picked[:, None], axis=1)  # (B, 1)
+        step = mx.where(mx.take_along_axis(usable, picked[:, None], axis=1), row / mx.sqrt(gain), 0)
+        directions = step[:, None] if directions is None else mx.concatenate([directions, step[:, None]], axis=1)
+        gains = gains - step * step
+        chosen, picks = chosen | (picked[:, None] == positions), [*picks, picked]
+    return select(tokens, mx.sort(mx.stack(picks, axis=1), axis=-1).astype(mx.int32))

@@ -82,6 +82,19 @@ def test_batched_scoring_is_greedy_generation(shipped, questions, unpruned):
         assert (easyvqa.normalize(result.text) == easyvqa.normalize(questions.answers[q])) == bool(unpruned.correct[q])
 
 
+def test_batched_scoring_ranks_by_each_question_as_generate_does(shipped, questions):
+    """With the instruction-aware pruner, the scorer prunes each question's own copy of its image;
+    its first answer tokens are generate's, question by question (several per image here)."""
+    model, tokenizer = shipped
+    few = easyvqa.subset(questions, 24)
+    assert len(set(few.image_ids)) < len(few.questions)
+    scored = easyvqa.evaluate_mlx(model, tokenizer, few, "cdpruner", 0.125)
+    for q in range(len(few.questions)):
+        image = few.image_paths[few.image_ids[q]]
+        result = generate(model, tokenizer, image, few.questions[q], max_tokens=4, pruner="cdpruner", keep_ratio=0.125)
+        assert result.token_ids[0] == scored.predicted[q][0]
+
+
 def test_mlx_and_pytorch_give_the_same_answers(shipped, questions, unpruned):
     import torch
 

@@ -66,3 +66,14 @@ def test_symlink_at_the_output_counts_as_existing_and_is_replaced_not_followed(m
     assert not output.is_symlink() and is_png(output)
     assert pointee.read_text() == "not yours" if target == "a_file" else not os.path.lexists(pointee)
     assert sorted(os.listdir(tmp_path)) == sorted(["viz.png"] + (["pointee"] if target == "a_file" else []))
+
+
+def test_an_instruction_aware_pruner_draws_for_the_question(image_path, tmp_path):
+    from tests.test_cli import assert_clean_error, run_cli
+
+    args = ["--image", str(image_path), "--pruner", "cdpruner", "--keep-ratio", "0.25"]
+    assert_clean_error(run_cli("prune-viz", *args, "-o", str(tmp_path / "a.png")), "--prompt")
+    assert not (tmp_path / "a.png").exists()
+    drawn = run_cli("prune-viz", *args, "--prompt", "what shape is it?", "-o", str(tmp_path / "b.png"))
+    assert drawn.returncode == 0, drawn.stderr
+    assert is_png(tmp_path / "b.png")

@@ -345,8 +345,9 @@ def test_a_client_leaving_before_its_first_token_frees_its_slot(gated, pictures)
     assert engine.stats["decode_steps"] < 5000
 
 
-def test_pruning_per_request_equals_generate_with_it(server, easyvqa, pictures):
-    prune = {"pruner": "divprune", "keep_ratio": 0.5}
+@pytest.mark.parametrize("pruner", ["divprune", "cdpruner"])  # cdpruner ranks the tokens by the question
+def test_pruning_per_request_equals_generate_with_it(server, easyvqa, pictures, pruner):
+    prune = {"pruner": pruner, "keep_ratio": 0.5}
     messages = question(data_url(png(pictures[2])), QUESTIONS[1])
     reply = server.client().chat.completions.create(
         model=MODEL, messages=messages, max_tokens=8, extra_body={"fastvlm": prune}
