@@ -221,11 +221,12 @@ def optimize(
     log_every: int = 50,
     check: Callable[[int], None] | None = None,
     check_every: int = 0,
+    after_step: Callable[[int], None] | None = None,
 ) -> None:
     """`steps` AdamW steps, one per batch of `batches`, cosine learning rate after `warmup`; with
     `prune_rng`, each step's vision tokens are pruned as `pruning_for` draws. Logs loss and
     teacher-forced train accuracy every `log_every` steps (and epochs when `per_epoch` is given);
-    calls `check(step)` every `check_every` steps and after the last."""
+    calls `check(step)` every `check_every` steps and after the last, and `after_step(step)` after each."""
     optimizer = optimizer_for(model, lr, weight_decay=0.05)
     started, loss_sum, hit_sum, seen, logged = time.perf_counter(), 0.0, 0, 0, 0
     for step, batch in zip(range(1, steps + 1), batches, strict=False):
@@ -238,6 +239,8 @@ def optimize(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step - 1, steps, lr, warmup)
         optimizer.step()
+        if after_step:
+            after_step(step)
         loss_sum += float(loss.detach())
         hit_sum += int(exact_matches(logits.detach(), tokens, batch["target"]).sum())
         seen += len(batch["ids"])

@@ -9,10 +9,11 @@ Trained normally, every step on all tokens, like Apple's checkpoints; the mosaic
 fresh for every step from easy-VQA's train images (bench/mosaic.py), and every second step is
 a batch of whole easy-VQA images at 128x128 (a cell at the mosaic's scale), which teaches the
 tower to read a cell far sooner than mosaics alone (alone, colour stayed at chance for 6000
-steps). Before any of that, the tower alone is pretrained as a shape and colour classifier of
-easy-VQA's train images (phase 0, as Apple's FastViTHD was pretrained before its VLM training):
-through the LLM alone the tower had not learnt shapes after 6000 easy-VQA steps, as a classifier it
-does in under 1000. The RoPE base is chosen for the 16-wide token grid (see TEXT_ARGS). With --tuned-out, a short
+steps). After every VLM step the tower also takes a step as a shape and colour classifier of
+whole easy-VQA train images (CellTeacher, a linear head on the mean of its tokens): through the
+LLM alone it had not learnt shapes after 6000 easy-VQA steps, as a classifier it does in under
+1000. (Pretraining it as a classifier first instead left the LLM stuck on answers that ignore
+where things are.) The RoPE base is chosen for the 16-wide token grid (see TEXT_ARGS). With --tuned-out, a short
 pruning-aware fine-tune of the same model (easy-VQA's phase 2 recipe) is written there too.
 Accuracies (MLX, greedy, the full mosaic test set) per question type go to --results.
 """
@@ -46,11 +47,12 @@ VISION_ARGS = train_easyvqa.VISION_ARGS
 _HEAD_DIM = train_easyvqa.TEXT_ARGS["hidden_size"] // train_easyvqa.TEXT_ARGS["num_attention_heads"]
 TEXT_ARGS = dict(train_easyvqa.TEXT_ARGS, num_hidden_layers=4, rope_theta=(GRID / (2 * math.pi)) ** (_HEAD_DIM / 2))
 EASYVQA_EVERY = 2  # every 2nd step is a batch of whole easy-VQA images at 128x128 (one cell's scale), the rest mosaics
+TEACH_EVERY = 1  # a step of the cell teacher (CellTeacher) after every VLM step
 VOCAB_SIZE = 400
 MOSAICS_PER_BATCH = 4  # each with all of its questions (a step's time grows with it: more, smaller steps)
 LR, TUNE_LR = 1e-3, 2e-4
 VALIDATION_MOSAICS = 64  # train-split mosaics of another seed, scored during training
-PRETRAIN_SIDE, PRETRAIN_BATCH, PRETRAIN_LR = 128, 32, 2e-3  # phase 0: whole easy-VQA images at a cell's scale
+TEACHER_SIDE, TEACHER_BATCH, TEACHER_LR = 128, 32, 1e-3  # the cell teacher: whole easy-VQA images at a cell's scale
 
 
 class Questions:
@@ -80,13 +82,13 @@ def build_tokenizer(directory: Path, easy: easyvqa.Split):
 
 
 def training_batches(
-    questions: Questions, rng: np.random.Generator, easy: Iterator | None = None
+    questions: Questions, rng: np.random.Generator, easy: Iterator | None = None, every: int = EASYVQA_EVERY
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Fresh train-split mosaics for every step, without end; with `easy` (easy-VQA batches), every
-    EASYVQA_EVERY-th step is one of those instead."""
+    `every`-th step is one of those instead."""
     cells, palette = mosaic.load_cells("train"), mosaic.colors()
     for step in itertools.count(1):
-        if easy is not None and step % EASYVQA_EVERY == 0:
+        if easy is not None and step % every == 0:
             yield next(easy)
             continue
         drawn = []
@@ -109,10 +111,10 @@ class TowerClassifier(torch.nn.Module):
 
 
 def cell_tensors(split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Easy-VQA's usable images of `split` as the runtime prepares them at PRETRAIN_SIDE (NCHW in
+    """Easy-VQA's usable images of `split` as the runtime prepares them at TEACHER_SIDE (NCHW in
     [0, 1]), with their shape and colour indices."""
     cells, palette = mosaic.load_cells(split), mosaic.colors()
-    pixels = np.stack([mosaic.model_pixels(p, PRETRAIN_SIDE) for p in cells.pixels])
+    pixels = np.stack([mosaic.model_pixels(p, TEACHER_SIDE) for p in cells.pixels])
     shapes = torch.tensor([mosaic.SHAPES.index(s) for s in cells.shapes])
     return (
         torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0,
@@ -121,36 +123,46 @@ def cell_tensors(split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     )
 
 
-def pretrain_tower(model, steps: int, rng: np.random.Generator) -> dict[str, float]:
-    """Phase 0: the tower alone learns the shape and colour of whole easy-VQA train images (cosine
-    learning rate, PRETRAIN_BATCH images a step). Returns its accuracies on easy-VQA's test images."""
-    (pixels, shapes, cell_colors), n_shapes = cell_tensors("train"), len(mosaic.SHAPES)
-    width = model.model.multi_modal_projector.linear_1.in_features
-    classifier = TowerClassifier(model.model.vision_tower, width, n_shapes + len(mosaic.colors())).train()
-    optimizer = optimizer_for(classifier, PRETRAIN_LR, weight_decay=0.05)
-    cross_entropy = torch.nn.functional.cross_entropy
-    for step in range(steps):
-        chosen = torch.from_numpy(rng.integers(len(pixels), size=PRETRAIN_BATCH))
-        logits = classifier(pixels[chosen])
-        loss = cross_entropy(logits[:, :n_shapes], shapes[chosen]) + cross_entropy(
-            logits[:, n_shapes:], cell_colors[chosen]
-        )
-        optimizer.zero_grad(set_to_none=True)
+class CellTeacher:
+    """The tower alone as a shape and colour classifier of whole easy-VQA train images (its own AdamW
+    and linear head), stepped after every `every`-th step of the VLM's training: a dense signal that
+    teaches the tower shapes far sooner than the answers through the LLM do."""
+
+    def __init__(self, model, rng: np.random.Generator, steps: int, every: int):
+        self.pixels, self.shapes, self.colors = cell_tensors("train")
+        width = model.model.multi_modal_projector.linear_1.in_features
+        self.classifier = TowerClassifier(model.model.vision_tower, width, len(mosaic.SHAPES) + len(mosaic.colors()))
+        self.optimizer = optimizer_for(self.classifier, TEACHER_LR, weight_decay=0.05)
+        self.rng, self.steps, self.every, self.loss = rng, steps, every, float("nan")
+
+    def __call__(self, step: int) -> None:
+        if step % self.every:
+            return
+        chosen = torch.from_numpy(self.rng.integers(len(self.pixels), size=TEACHER_BATCH))
+        loss = self.classifier_loss(self.classifier(self.pixels[chosen]), self.shapes[chosen], self.colors[chosen])
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, PRETRAIN_LR, min(100, steps // 10))
-        optimizer.step()
-        if (step + 1) % 100 == 0:
-            click.echo(f"tower pretraining: step {step + 1}/{steps}  loss {float(loss):.4f}")
-    pixels, shapes, cell_colors = cell_tensors("test")
-    classifier.eval()
-    with torch.no_grad():
-        logits = torch.cat([classifier(pixels[i : i + 256]) for i in range(0, len(pixels), 256)])
-    model.train()
-    return {
-        "shape": float((logits[:, :n_shapes].argmax(1) == shapes).float().mean()),
-        "color": float((logits[:, n_shapes:].argmax(1) == cell_colors).float().mean()),
-    }
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(step - 1, self.steps, TEACHER_LR, min(300, self.steps // 10))
+        self.optimizer.step()
+        self.loss = float(loss.detach())
+
+    @staticmethod
+    def classifier_loss(logits: torch.Tensor, shapes: torch.Tensor, cell_colors: torch.Tensor) -> torch.Tensor:
+        n = len(mosaic.SHAPES)
+        cross_entropy = torch.nn.functional.cross_entropy
+        return cross_entropy(logits[:, :n], shapes) + cross_entropy(logits[:, n:], cell_colors)
+
+    @torch.no_grad()
+    def test_accuracy(self) -> dict[str, float]:
+        """Shape and colour accuracy of the classifier on easy-VQA's test images."""
+        pixels, shapes, cell_colors = cell_tensors("test")
+        self.classifier.eval()
+        logits = torch.cat([self.classifier(pixels[i : i + 256]) for i in range(0, len(pixels), 256)])
+        self.classifier.train()
+        n = len(mosaic.SHAPES)
+        shape = (logits[:, :n].argmax(1) == shapes).float().mean()
+        return {"shape": float(shape), "color": float((logits[:, n:].argmax(1) == cell_colors).float().mean())}
 
 
 @torch.no_grad()
@@ -198,7 +210,8 @@ def train(
     tune_steps: int,
     seed: int,
     results: Path | None,
-    pretrain_steps: int = 1000,
+    easyvqa_every: int = EASYVQA_EVERY,
+    teach_every: int = TEACH_EVERY,
 ) -> dict:
     torch.manual_seed(seed)
     rng, prune_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
@@ -214,23 +227,25 @@ def train(
     text_args = dict(TEXT_ARGS, vocab_size=len(tokenizer))
     model = build_reference(VISION_ARGS, text_args, tokenizer.convert_tokens_to_ids("<image>"), seed=seed).train()
     click.echo(f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(tokenizer)} tokens")
-    pretrained = pretrain_tower(model, pretrain_steps, np.random.default_rng(seed + 3)) if pretrain_steps else {}
-    minutes = (time.perf_counter() - started) / 60
-    click.echo(f"tower pretrained in {minutes:.1f} min; accuracy on easy-VQA test images: {pretrained}")
+    teacher = CellTeacher(model, np.random.default_rng(seed + 3), steps, teach_every) if teach_every else None
 
     def check(step: int) -> None:
         minutes = (time.perf_counter() - started) / 60
+        taught = f"  teacher loss {teacher.loss:.4f}" if teacher else ""
         click.echo(
             f"step {step}/{steps}  {minutes:.1f} min  validation: {shown(torch_accuracy(model, questions, validation))}"
+            + taught
         )
 
-    batches = training_batches(questions, rng, easy.epochs(rng))
-    optimize(model, questions.before, batches, steps, LR, min(300, steps // 10), check=check, check_every=steps // 20)
+    batches = training_batches(questions, rng, easy.epochs(rng) if easyvqa_every else None, easyvqa_every)
+    warmup, every = min(300, steps // 10), steps // 20
+    optimize(model, questions.before, batches, steps, LR, warmup, check=check, check_every=every, after_step=teacher)
     model.eval()
     save_source(model, tokenizer, out / "hf", IMAGE_SIZE)  # torch only until both models are saved
-    record = dict(seed=seed, steps=steps, mosaics_per_batch=MOSAICS_PER_BATCH, lr=LR, easyvqa_every=EASYVQA_EVERY)
+    record = dict(seed=seed, steps=steps, mosaics_per_batch=MOSAICS_PER_BATCH, lr=LR, easyvqa_every=easyvqa_every)
     record["text_args"] = TEXT_ARGS
-    record["pretrain"] = dict(steps=pretrain_steps, lr=PRETRAIN_LR, batch=PRETRAIN_BATCH, test_accuracy=pretrained)
+    if teacher is not None:
+        record["teacher"] = dict(every=teach_every, lr=TEACHER_LR, batch=TEACHER_BATCH, test=teacher.test_accuracy())
     record["train_minutes"] = (time.perf_counter() - started) / 60
     models = {"normal": out}
     if tuned_out is not None:
@@ -271,8 +286,9 @@ def score_models(models: dict[str, Path], record: dict, results: Path | None = N
 @click.command()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Writes OUT/hf and OUT/mlx.")
 @click.option("--tuned-out", type=click.Path(path_type=Path), default=None, help="Also fine-tune pruning-aware, here.")
-@click.option("--steps", default=12000, show_default=True, help="Steps on all tokens (every 2nd one easy-VQA).")
-@click.option("--pretrain-steps", default=1000, show_default=True, help="Phase 0: the tower alone, as a classifier.")
+@click.option("--steps", default=12000, show_default=True, help="Steps of the VLM on all tokens.")
+@click.option("--easyvqa-every", default=EASYVQA_EVERY, show_default=True, help="Every Nth step easy-VQA (0: never).")
+@click.option("--teach-every", default=TEACH_EVERY, show_default=True, help="A cell-teacher step every N (0: none).")
 @click.option("--tune-steps", default=500, show_default=True, help="Pruning-aware steps (with --tuned-out).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--results", type=click.Path(path_type=Path), default=None, help="Write the accuracies as JSON here.")
@@ -281,7 +297,8 @@ def main(
     out: Path,
     tuned_out: Path | None,
     steps: int,
-    pretrain_steps: int,
+    easyvqa_every: int,
+    teach_every: int,
     tune_steps: int,
     seed: int,
     results: Path | None,
@@ -291,7 +308,7 @@ def main(
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # denormal floats would slow the CPU kernels as weights shrink
     click.echo(f"started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    train(out, tuned_out, steps, tune_steps, seed, results, pretrain_steps)
+    train(out, tuned_out, steps, tune_steps, seed, results, easyvqa_every, teach_every)
     click.echo(f"ended {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
 
 
