@@ -52,10 +52,26 @@ def test_split_across_cpu_streams_is_exact(monkeypatch):
     """Rows split over CPU streams give the same bits as one fused loop over the whole image."""
     x = mx.random.normal((1, 20, 18, 8), key=mx.random.key(3))
     weight, bias = mx.random.normal((8, 7, 7, 1), key=mx.random.key(4)), mx.zeros((8,))
-    monkeypatch.setattr(conv, "_STREAMS", [mx.new_stream(mx.cpu) for _ in range(3)])
+    streams = [mx.new_stream(mx.cpu) for _ in range(3)]
+    monkeypatch.setattr(conv, "cpu_streams", lambda: streams)
     split = grouped_conv(x, weight, bias)
-    monkeypatch.setattr(conv, "_STREAMS", [mx.default_stream(mx.cpu)])
+    monkeypatch.setattr(conv, "cpu_streams", lambda: [])
     assert mx.array_equal(split, grouped_conv(x, weight, bias)).item()
+
+
+def test_a_thread_never_uses_another_threads_streams():
+    """The streams are made per thread: a model first run in a worker thread (the server's engine)
+    and then in the main thread works in both (MLX refuses a stream another thread made)."""
+    import threading
+
+    run = lambda lo, hi: mx.full((1, hi - lo, 3), float(lo))  # noqa: E731
+    results = []
+    worker = threading.Thread(target=lambda: results.append(mx.eval(conv._by_rows(8, run)) or len(conv.cpu_streams())))
+    worker.start()
+    worker.join()
+    here = conv._by_rows(8, run)
+    mx.eval(here)
+    assert here.shape == (1, 8, 3) and results == [len(conv.cpu_streams())]
 
 
 def test_tower_batches_and_sizes():

@@ -7,6 +7,7 @@ elementwise kernel on one thread). Sums are float32 whatever the input dtype.
 """
 
 import os
+import threading
 
 import mlx.core as mx
 
@@ -35,15 +36,16 @@ def _taps(padded: mx.array, weight: mx.array, bias: mx.array, stride: int, h_out
     return (exact_gelu(out) if activate else out).astype(padded.dtype)
 
 
-_STREAMS: list = []
+_LOCAL = threading.local()  # MLX streams belong to the thread that made them: each thread makes its own
 
 
 def cpu_streams() -> list:
-    """One CPU stream per core (up to 4); none on a single core."""
-    if not _STREAMS:
+    """This thread's CPU streams, one per core (up to 4); none on a single core."""
+    streams = getattr(_LOCAL, "streams", None)
+    if streams is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(min(cores, 4)))
-    return _STREAMS if len(_STREAMS) > 1 else []
+        streams = _LOCAL.streams = [mx.new_stream(mx.cpu) for _ in range(min(cores, 4))]
+    return streams if len(streams) > 1 else []
 
 
 def _by_rows(rows: int, run, split: bool = True) -> mx.array:
