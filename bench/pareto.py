@@ -132,16 +132,23 @@ def plot(panels: list[list[dict]], path: Path, environment: str) -> None:
     type=click.Path(exists=True),
     help="A bench.mosaic_accuracy JSON (repeatable: one panel each).",
 )
-@click.option("--timings", required=True, type=click.Path(exists=True), help="A bench --synthetic 0.5b JSON.")
+@click.option(
+    "--timings",
+    "timings_paths",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True),
+    help="A bench --synthetic 0.5b JSON (repeatable: later files add settings, from the same machine).",
+)
 @click.option("--out", default="bench-results/mosaic-pareto", show_default=True, help="Writes OUT.json, OUT.png.")
-def main(accuracy_paths: tuple[str, ...], timings: str, out: str) -> None:
+def main(accuracy_paths: tuple[str, ...], timings_paths: tuple[str, ...], out: str) -> None:
     """Join mosaic accuracy with 0.5B TTFT; write the Pareto plot and the best setting per TTFT budget."""
-    bench = json.loads(Path(timings).read_text())
-    table = timing_table(bench)
+    benches = [json.loads(Path(p).read_text()) for p in timings_paths]
+    bench, table = benches[0], {key: row for b in benches for key, row in timing_table(b).items()}
     panels = [join(json.loads(Path(p).read_text()), table) for p in accuracy_paths]
     environment = f"{bench['environment'].get('processor', '')}, {bench['environment'].get('cpu_count')} cores, MLX"
     record = dict(
-        timings=timings,
+        timings=list(timings_paths),
         accuracy=list(accuracy_paths),
         environment=environment,
         panels=[dict(model=rows[0]["model"], rows=rows, best_within=best_within(rows)) for rows in panels],

@@ -286,7 +286,7 @@ def score_models(models: dict[str, Path], record: dict, results: Path | None = N
 @click.command()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Writes OUT/hf and OUT/mlx.")
 @click.option("--tuned-out", type=click.Path(path_type=Path), default=None, help="Also fine-tune pruning-aware, here.")
-@click.option("--steps", default=12000, show_default=True, help="Steps of the VLM on all tokens.")
+@click.option("--steps", default=8000, show_default=True, help="Steps of the VLM on all tokens.")
 @click.option("--easyvqa-every", default=EASYVQA_EVERY, show_default=True, help="Every Nth step easy-VQA (0: never).")
 @click.option("--teach-every", default=TEACH_EVERY, show_default=True, help="A cell-teacher step every N (0: none).")
 @click.option("--tune-steps", default=500, show_default=True, help="Pruning-aware steps (with --tuned-out).")
