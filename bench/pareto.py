@@ -144,7 +144,10 @@ def plot(panels: list[list[dict]], path: Path, environment: str) -> None:
 def main(accuracy_paths: tuple[str, ...], timings_paths: tuple[str, ...], out: str) -> None:
     """Join mosaic accuracy with 0.5B TTFT; write the Pareto plot and the best setting per TTFT budget."""
     benches = [json.loads(Path(p).read_text()) for p in timings_paths]
-    bench, table = benches[0], {key: row for b in benches for key, row in timing_table(b).items()}
+    bench, table = benches[0], {}
+    for other in benches:  # the first file's timing of a setting wins: later files only add settings
+        for key, row in timing_table(other).items():
+            table.setdefault(key, row)
     panels = [join(json.loads(Path(p).read_text()), table) for p in accuracy_paths]
     environment = f"{bench['environment'].get('processor', '')}, {bench['environment'].get('cpu_count')} cores, MLX"
     record = dict(

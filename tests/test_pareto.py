@@ -73,3 +73,21 @@ def test_different_token_counts_are_refused(tmp_path):
     args = ["--accuracy", str(tmp_path / "acc.json"), "--timings", str(tmp_path / "bench.json")]
     out = CliRunner().invoke(pareto.main, [*args, "--out", str(tmp_path / "p")])
     assert out.exit_code != 0 and "token counts differ" in out.output and not (tmp_path / "p.json").exists()
+
+
+def test_later_timing_files_add_settings_without_replacing(tmp_path):
+    pytest.importorskip("matplotlib")
+    first, later = bench_rows(), bench_rows()
+    first["summary"] = [r for r in first["summary"] if r["pruner"] != "pool" or r["keep_positions"]]
+    for row in later["summary"]:
+        row["ttft_s"] = dict(median=row["ttft_s"]["median"] + 5)  # another run: never replaces the first's
+    (tmp_path / "acc.json").write_text(json.dumps(accuracy_rows()))
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    (tmp_path / "b.json").write_text(json.dumps(later))
+    args = ["--accuracy", str(tmp_path / "acc.json"), "--timings", str(tmp_path / "a.json")]
+    out = CliRunner().invoke(pareto.main, [*args, "--timings", str(tmp_path / "b.json"), "--out", str(tmp_path / "p")])
+    assert out.exit_code == 0, out.output
+    rows = json.loads((tmp_path / "p.json").read_text())["panels"][0]["rows"]
+    ttft = {(r["pruner"], r["image_size"], r["keep_ratio"], r["keep_positions"]): r["ttft_s"] for r in rows}
+    assert ttft[(None, 256, 1.0, False)] == 2.6 and ttft[("pool", 256, 0.25, True)] == 2.01  # the first file's
+    assert ttft[("pool", 256, 0.25, False)] == 7.0 and ttft[("pool", 256, 0.5, False)] == 7.2  # only in the later
