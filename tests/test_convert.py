@@ -1,6 +1,7 @@
 """Conversion: both checkpoint layouts, full-size FastViTHD parity, and the converter's rules."""
 
 import json
+import shutil
 
 import mlx.core as mx
 import numpy as np
@@ -31,7 +32,8 @@ def full_size(torch_ref, tmp_path_factory):
     config = json.loads((original / "config.json").read_text())  # the fields Apple's training writes
     config.update(mm_use_im_start_end=False, mm_use_im_patch_token=False, tokenizer_model_max_length=8192)
     (original / "config.json").write_text(json.dumps(config))
-    return reference, convert(root / "hf", root / "hf_mlx"), convert(original, root / "original_mlx")
+    yield reference, convert(root / "hf", root / "hf_mlx"), convert(original, root / "original_mlx")
+    shutil.rmtree(root)  # ~1.9 GB
 
 
 def test_original_and_transformers_layouts_convert_identically(full_size):

@@ -9,6 +9,7 @@ in the `mlx-vlm` extra (runs where it is installed, as in CI).
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -44,7 +45,8 @@ def apple(torch_ref, tmp_path_factory):
     weights = mx.load(str(original / "model.safetensors"))
     weights["model.vision_tower.vision_tower.model.head.proj"] = mx.random.normal((3072, 768), key=mx.random.key(0))
     mx.save_safetensors(str(original / "model.safetensors"), weights, metadata={"format": "pt"})
-    return original
+    yield original
+    shutil.rmtree(root)  # ~1 GB
 
 
 def mlx_vlm_layout(src, out, quantize: bool = False):
