@@ -1,5 +1,6 @@
 """The BLAS that MLX's matmuls go through on Linux: OpenBLAS behind the cblas shim when a C
-compiler is there, giving numpy's values for every gemm MLX calls; MKL when asked."""
+compiler is there, giving numpy's values for every gemm MLX calls (one output row: OpenBLAS's
+gemv; 2-7 rows times a weight matrix: the shim's threaded kernel); MKL when asked."""
 
 import os
 import shutil
@@ -16,7 +17,9 @@ print(fastvlm_mlx.BLAS)
 rng = np.random.default_rng(0)
 worst = 0.0
 for dtype in (np.float32, np.float64, np.complex64):
-    for m, k, n in [(1, 7, 5), (1, 900, 300), (37, 53, 29), (300, 96, 200)]:
+    # 2-7 rows with n * k >= 65536 take the shim's own kernel: tails of k (not a multiple of 16) and n
+    shapes = [(1, 7, 5), (1, 900, 300), (37, 53, 29), (300, 96, 200), (2, 1000, 300), (3, 333, 257)]
+    for m, k, n in shapes + [(5, 17, 4000), (7, 64, 1030), (4, 896, 4864), (8, 700, 100)]:
         a, b = rng.standard_normal((m, k)), rng.standard_normal((n, k))
         if dtype == np.complex64:
             a, b = a + 1j * rng.standard_normal((m, k)), b + 1j * rng.standard_normal((n, k))
@@ -24,9 +27,43 @@ for dtype in (np.float32, np.float64, np.complex64):
         wide = a.astype(np.complex128 if dtype == np.complex64 else np.float64)
         with mx.stream(mx.cpu):  # both layouts of b: one row of output takes the shim's gemv path
             got = [np.array(mx.array(a) @ mx.array(b).T), np.array(mx.array(a) @ mx.array(np.ascontiguousarray(b.T)))]
+            if dtype == np.float32:  # alpha and beta: C = 0.5 a b^T + 2 C
+                c = rng.standard_normal((m, n)).astype(dtype)
+                out = np.array(mx.addmm(mx.array(c), mx.array(a), mx.array(b).T, alpha=0.5, beta=2.0))
+                got.append((out - 2 * c) / 0.5)
         for g in got:
             worst = max(worst, float(np.abs(g - wide @ b.T).max() / np.abs(wide @ b.T).max()))
 print(worst)
+"""
+
+# The shim's kernel called straight (ctypes drops the GIL): from 4 threads at once, and in a
+# forked child after its helper threads started (a child has none; it must not wait for them).
+SHIM_THREADS = """
+import ctypes, os, re, signal, threading, numpy as np, fastvlm_mlx, mlx.core  # mlx: the BLAS preload
+shim = ctypes.CDLL(re.search(r"via (.+)\\)$", fastvlm_mlx.BLAS).group(1))
+P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+shim.cblas_sgemm.argtypes = [I] * 6 + [F, P, I, P, I, F, P, I]
+
+def product(m, n, k, seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((n, k), dtype=np.float32)
+    c = np.full((m, n), np.nan, np.float32)  # beta 0: never read
+    shim.cblas_sgemm(101, 111, 112, m, n, k, 1.0, a.ctypes.data, k, b.ctypes.data, k, 0.0, c.ctypes.data, n)
+    want = a.astype(np.float64) @ b.T
+    return float(np.abs(c - want).max() / np.abs(want).max())
+
+errors = []
+def worker(t):
+    errors.extend(product(2 + (t + i) % 6, 1000 + 37 * i, 300 + t, 10 * t + i) for i in range(20))
+threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+pid = os.fork()
+if pid == 0:
+    signal.alarm(20)  # a child left waiting for helpers dies here instead of hanging
+    os._exit(0 if product(3, 5000, 200, 1) < 1e-5 else 3)
+_, status = os.waitpid(pid, 0)
+print(len(errors), max(errors), os.waitstatus_to_exitcode(status))
 """
 
 
@@ -46,6 +83,19 @@ def test_openblas_behind_the_shim_gives_numpys_products():
     blas, worst = run({})
     assert blas.startswith("openblas (") and "via" in blas
     assert float(worst) < 1e-5  # float32 sums of up to 96 terms, relative to the largest
+
+
+@pytest.mark.skipif(not LINUX, reason="BLAS preloading is Linux-only")
+def test_the_shims_few_rows_kernel_from_threads_and_after_fork():
+    from fastvlm_mlx.cpu import native
+
+    if native.build("int probe(void) { return 1; }\n", "probe") is None:
+        pytest.skip("no C compiler or no private cache folder here")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTVLM_MLX_")}
+    out = subprocess.run([sys.executable, "-c", SHIM_THREADS], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    count, worst, child = out.stdout.split()
+    assert int(count) == 80 and float(worst) < 1e-5 and child == "0"
 
 
 @pytest.mark.skipif(not LINUX or not os.path.exists(os.path.join(sys.prefix, "lib")), reason="Linux venvs")

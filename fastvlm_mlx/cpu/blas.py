@@ -28,6 +28,11 @@ from fastvlm_mlx.cpu.private import cpu_info
 _SYSTEM_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 _AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}  # what OpenBLAS's SkylakeX kernels use
 _SHIM = """/* fastvlm-mlx: MLX's cblas_*gemm calls, forwarded to scipy-openblas32 (same arguments). */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <sched.h>
+#define FEW_ROWS 7
+#define FEW_ROWS_MIN_WEIGHTS (1 << 16)
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -41,6 +46,125 @@ FORWARD(void, const void*, cblas_cgemm)
 void scipy_cblas_sgemm(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*, int);
 void scipy_cblas_sgemv(int, int, int, int, float, const float*, int, const float*, int, float, float*, int);
 
+/* A few rows times a weight matrix (batched decoding: x @ W.T with 2-8 rows): OpenBLAS's gemm
+   runs it at half the memory bandwidth, so each helper thread reads its share of W's rows once
+   and takes the dot products with every row of x. */
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+static inline v16 load16(const float* p) { v16 v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline float hsum(v16 v) {
+  v8 lo8, hi8; __builtin_memcpy(&lo8, &v, 32); __builtin_memcpy(&hi8, (char*)&v + 32, 32); v8 s8 = lo8 + hi8;
+  v4 lo4, hi4; __builtin_memcpy(&lo4, &s8, 16); __builtin_memcpy(&hi4, (char*)&s8 + 16, 16); v4 s4 = lo4 + hi4;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+/* c[i][j] for i < mr, j < nr (at most 4 each): alpha * a_i . b_j + beta * c (c unread when beta is 0) */
+static inline __attribute__((always_inline)) void tile(int mr, int nr, int k, float alpha, const float* a, int lda,
+    const float* b, int ldb, float beta, float* c, int ldc) {
+  v16 acc[4][4] = {{{0}}};
+  int t = 0;
+  for (; t + 16 <= k; t += 16) {
+    v16 bv[4];
+    for (int j = 0; j < nr; ++j) bv[j] = load16(b + (long)j * ldb + t);
+    for (int i = 0; i < mr; ++i) {
+      v16 av = load16(a + (long)i * lda + t);
+      for (int j = 0; j < nr; ++j) acc[i][j] += av * bv[j];
+    }
+  }
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nr; ++j) {
+      float s = hsum(acc[i][j]);
+      for (int u = t; u < k; ++u) s += a[(long)i * lda + u] * b[(long)j * ldb + u];
+      float* out = c + (long)i * ldc + j;
+      *out = beta == 0 ? alpha * s : alpha * s + beta * *out;
+    }
+}
+
+static struct { int m, n, k, lda, ldb, ldc, parts; float alpha, beta; const float *a, *b; float* c; } job;
+
+static void columns(int part) {  /* the part-th share of the columns, in multiples of 16 */
+  int share = ((job.n + job.parts - 1) / job.parts + 15) / 16 * 16, j0 = part * share;
+  int j1 = j0 + share < job.n ? j0 + share : job.n;
+  for (int j = j0; j < j1; j += 4) {
+    int nr = j1 - j < 4 ? j1 - j : 4;
+    const float* b = job.b + (long)j * job.ldb;
+    for (int i = 0; i < job.m; i += 4) {
+      const float* a = job.a + (long)i * job.lda;
+      float* c = job.c + (long)i * job.ldc + j;
+      int mr = job.m - i < 4 ? job.m - i : 4;
+      if (nr == 4 && mr == 4) tile(4, 4, job.k, job.alpha, a, job.lda, b, job.ldb, job.beta, c, job.ldc);
+      else if (nr == 4 && mr == 3) tile(3, 4, job.k, job.alpha, a, job.lda, b, job.ldb, job.beta, c, job.ldc);
+      else if (nr == 4 && mr == 2) tile(2, 4, job.k, job.alpha, a, job.lda, b, job.ldb, job.beta, c, job.ldc);
+      else if (nr == 4) tile(1, 4, job.k, job.alpha, a, job.lda, b, job.ldb, job.beta, c, job.ldc);
+      else tile(mr, nr, job.k, job.alpha, a, job.lda, b, job.ldb, job.beta, c, job.ldc);
+    }
+  }
+}
+
+#define MAX_HELPERS 7
+static pthread_mutex_t one_call = PTHREAD_MUTEX_INITIALIZER, mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t go = PTHREAD_COND_INITIALIZER, done = PTHREAD_COND_INITIALIZER;
+static long generation;
+static int helpers = -1, pending;  /* helpers: -1 until started, per process */
+
+static void* helper(void* arg) {  /* sleeps until the next product, runs its share */
+  int part = (int)(long)arg;
+  long seen = 0;
+  pthread_mutex_lock(&mu);
+  for (;;) {
+    while (generation == seen) pthread_cond_wait(&go, &mu);
+    seen = generation;
+    pthread_mutex_unlock(&mu);
+    columns(part);
+    pthread_mutex_lock(&mu);
+    if (--pending == 0) pthread_cond_signal(&done);
+  }
+  return 0;
+}
+
+static void forked_child(void) {  /* a forked child has no helpers and may inherit held locks */
+  pthread_mutex_init(&one_call, 0); pthread_mutex_init(&mu, 0);
+  pthread_cond_init(&go, 0); pthread_cond_init(&done, 0);
+  helpers = -1; generation = 0;
+}
+
+static void start_helpers(void) {  /* one per CPU this process may use, but the caller's */
+  cpu_set_t set;
+  int cpus = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1, wanted = cpus - 1;
+  static int registered;
+  if (!registered) registered = pthread_atfork(0, 0, forked_child) == 0;
+  helpers = 0;
+  for (int i = 0; i < wanted && i < MAX_HELPERS; ++i) {
+    pthread_t thread;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int failed = pthread_create(&thread, &attr, helper, (void*)(long)(i + 1));
+    pthread_attr_destroy(&attr);
+    if (failed) break;
+    ++helpers;
+  }
+}
+
+static void few_rows(int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
+                     float beta, float* c, int ldc) {
+  pthread_mutex_lock(&one_call);
+  if (helpers < 0) start_helpers();
+  job.m = m; job.n = n; job.k = k; job.alpha = alpha; job.beta = beta;
+  job.a = a; job.lda = lda; job.b = b; job.ldb = ldb; job.c = c; job.ldc = ldc; job.parts = helpers + 1;
+  pthread_mutex_lock(&mu);
+  pending = helpers;
+  ++generation;
+  pthread_cond_broadcast(&go);
+  pthread_mutex_unlock(&mu);
+  columns(0);
+  pthread_mutex_lock(&mu);
+  while (pending) pthread_cond_wait(&done, &mu);
+  pthread_mutex_unlock(&mu);
+  pthread_mutex_unlock(&one_call);
+}
+
 /* One row-major output row (a decode step's matmuls) is a matrix-vector product: OpenBLAS's
    gemv runs it 2-4x faster than its gemm. 101 = row major, 111 = no transpose, 112 = transpose. */
 void cblas_sgemm(int o, int ta, int tb, int m, int n, int k, float alpha, const float* a, int lda,
@@ -50,6 +174,10 @@ void cblas_sgemm(int o, int ta, int tb, int m, int n, int k, float alpha, const 
     if (beta == 0) for (int i = 0; i < n; ++i) c[i] = 0;  /* MLX's buffers may hold NaN: 0 * NaN */
     if (tb == 111) scipy_cblas_sgemv(101, 112, k, n, alpha, b, ldb, a, inc, beta, c, 1);
     else scipy_cblas_sgemv(101, 111, n, k, alpha, b, ldb, a, inc, beta, c, 1);
+    return;
+  }
+  if (o == 101 && ta == 111 && tb == 112 && m <= FEW_ROWS && (long)n * k >= FEW_ROWS_MIN_WEIGHTS) {
+    few_rows(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
   scipy_cblas_sgemm(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
@@ -77,7 +205,7 @@ def _load_scipy_openblas() -> str | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     found = glob.glob(os.path.join(spec.submodule_search_locations[0], "lib", "libscipy_openblas*.so*"))
-    shim = build(_SHIM, "cblas-shim") if found else None
+    shim = build(_SHIM, "cblas-shim", ("-march=native", "-pthread")) if found else None
     if shim is None:
         return None
     # This private copy reads OPENBLAS_CORETYPE once, as it loads; numpy's own OpenBLAS (and
