@@ -133,3 +133,24 @@ def test_native_libraries_are_built_only_in_a_private_folder(tmp_path, monkeypat
     monkeypatch.setattr(private, "_FOLDER", [])
     elsewhere = native.build(source, "answer")
     assert elsewhere is None or not elsewhere.startswith(str(tmp_path))
+
+
+@pytest.mark.skipif(not LINUX, reason="BLAS preloading is Linux-only")
+def test_decode_batch_bench_times_the_kernel_on_and_off(tiny_mlx, tmp_path):
+    import json
+
+    from fastvlm_mlx.cpu import native
+
+    if native.build("int probe(void) { return 1; }\n", "probe") is None:
+        pytest.skip("no C compiler or no private cache folder here")
+    command = [sys.executable, "-m", "bench.decode_batch", "--model", str(tiny_mlx), "--batches", "1,3"]
+    command += ["--steps", "2", "--rounds", "2", "--context", "8", "--out", str(tmp_path)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    written = json.loads((tmp_path / "decode-batch-mlx.json").read_text())
+    for batch in ("1", "3"):
+        for mode in ("on", "off"):
+            runs = written["step_ms"][batch][mode]["runs"]
+            assert len(runs) == 2 and all(t > 0 for t in runs)
+    assert (tmp_path / "decode-batch-mlx.png").stat().st_size > 1000
+    assert "kernel" in out.stdout and "OpenBLAS" in out.stdout

@@ -147,6 +147,9 @@ static void start_helpers(void) {  /* one per CPU this process may use, but the 
   }
 }
 
+static int few_rows_on = 1;
+void fastvlm_few_rows(int on) { few_rows_on = on; }  /* off: OpenBLAS's gemm, for benchmarks (bench.decode_batch) */
+
 static void few_rows(int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
                      float beta, float* c, int ldc) {
   pthread_mutex_lock(&one_call);
@@ -176,7 +179,7 @@ void cblas_sgemm(int o, int ta, int tb, int m, int n, int k, float alpha, const 
     else scipy_cblas_sgemv(101, 111, n, k, alpha, b, ldb, a, inc, beta, c, 1);
     return;
   }
-  if (o == 101 && ta == 111 && tb == 112 && m <= FEW_ROWS && (long)n * k >= FEW_ROWS_MIN_WEIGHTS) {
+  if (few_rows_on && o == 101 && ta == 111 && tb == 112 && m <= FEW_ROWS && (long)n * k >= FEW_ROWS_MIN_WEIGHTS) {
     few_rows(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
@@ -188,6 +191,7 @@ void cblas_sgemm(int o, int ta, int tb, int m, int n, int k, float alpha, const 
 """
 
 BLAS_IN_USE = "platform default"
+_SHIM_IN_USE: list[str] = []  # the loaded shim's path, once loaded
 
 
 def _search_dirs() -> list[str]:
@@ -223,6 +227,7 @@ def _load_scipy_openblas() -> str | None:
         else:
             os.environ["OPENBLAS_CORETYPE"] = users
     ctypes.CDLL(shim, mode=ctypes.RTLD_GLOBAL)
+    _SHIM_IN_USE[:] = [shim]
     openblas.scipy_openblas_get_corename.restype = ctypes.c_char_p
     core = openblas.scipy_openblas_get_corename().decode()
     return f"openblas ({core} kernels, {found[0]}, via {shim})"
@@ -246,6 +251,15 @@ def _load_system_openblas() -> str | None:
 
 
 _LOADERS = {"openblas": (_load_scipy_openblas, _load_system_openblas), "mkl": (_load_mkl,)}
+
+
+def use_few_rows_kernel(on: bool) -> bool:
+    """Turn the shim's 2-7-row kernel on (the default) or off (OpenBLAS's gemm instead), for A/B
+    benchmarks; False when no shim is loaded."""
+    if not _SHIM_IN_USE:
+        return False
+    ctypes.CDLL(_SHIM_IN_USE[0]).fastvlm_few_rows(int(on))
+    return True
 
 
 def load_optimized_blas() -> str:
