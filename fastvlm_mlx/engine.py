@@ -11,6 +11,11 @@ their caches in mlx-lm's `LRUPromptCache`, keyed by the image's feature key and 
 positions, so a follow-up turn prefills only what it adds; the vision stage goes through a
 `VisionCache`.
 
+Pruned tokens that keep their unpruned positions (`keep_positions`, GAP) ride on a sequence's own
+KV cache, which the batch cache does not carry: such requests are answered one at a time, a token
+per turn of the loop between the batch's steps, by the single-sequence `Turn` that `generate` uses
+(so their answers are generate's), without the prompt cache.
+
 Callers build a `Job` (`Engine.prepare`, on their own thread: tokenization, context check),
 `submit` it and read `Delta` events, then one `Finished` or `Failed`, from its `Handle`.
 """
@@ -31,11 +36,12 @@ from mlx_lm.sample_utils import apply_top_p, greedy_sampler
 from PIL import Image
 
 from fastvlm_mlx.errors import UserError
-from fastvlm_mlx.features import ImageFeatures, VisionCache, VisionSettings, features_in_pieces
+from fastvlm_mlx.features import ImageFeatures, VisionCache, VisionSettings, features_in_pieces, image_features
 from fastvlm_mlx.generate import (
     IMAGE_POSITION,
     PREFILL_CHUNK,
     Prompt,
+    Turn,
     check_sampling,
     check_seed,
     make_prompt,
@@ -154,6 +160,12 @@ class _Slot:
         self.known = len(tokenizer._tokenizer)
         self.text, self.sent, self.token_ids, self.generated = "", 0, [], 0
         self.t_start = self.t_vision = self.t_first = self.t_last = None
+        self.turn = self.steps = None  # a solo slot's Turn and its iteration, once started
+
+    @property
+    def solo(self) -> bool:
+        """Whether this job keeps pruned tokens' positions, so runs alone (see the module's docstring)."""
+        return self.job.prompt.image_span is not None
 
 
 class Engine:
@@ -196,6 +208,7 @@ class Engine:
         self._waiting: list[_Slot] = []
         self._prefilling: list[_Slot] = []
         self._decoding: dict[int, _Slot] = {}
+        self._solo: list[_Slot] = []  # jobs that keep pruned tokens' positions, answered first come first
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self.stats = {"requests": 0, "prefilled_positions": 0, "reused_positions": 0, "decode_steps": 0}
@@ -218,23 +231,19 @@ class Engine:
         image_size: int | None = None,
         pruner: str | None = None,
         keep_ratio: float | None = None,
-        keep_positions: bool = False,
+        keep_positions: bool | None = None,
         timeout_s: float | None = None,
         received: float | None = None,
     ) -> Job:
         """A Job for `messages` about `picture`; bad values and prompts past the context are UserErrors.
-        `received` (a perf_counter time) is when the request arrived, where timings start.
-
-        Pruned tokens keeping their positions (`keep_positions`, GAP) is not batched yet: the
-        positions ride on a sequence's own KV cache, which the batch cache does not carry."""
+        `received` (a perf_counter time) is when the request arrived, where timings start. Options
+        left None take the model's defaults, as in `generate`."""
         received = time.perf_counter() if received is None else received
-        if keep_positions:
-            raise UserError("keep_positions is not supported by batched decoding; leave it off for the server")
         check_sampling(temperature, top_p)
         check_seed(seed)
         if not (isinstance(max_tokens, int) and max_tokens >= 1):
             raise UserError(f"max_tokens must be a whole number >= 1, not {max_tokens!r}")
-        settings = VisionSettings.resolve(self.model.config, image_size, pruner, keep_ratio, seed, False)
+        settings = VisionSettings.resolve(self.model.config, image_size, pruner, keep_ratio, seed, keep_positions)
         messages = as_messages(messages)
         with self._answers_lock:
             known = {
@@ -243,10 +252,11 @@ class Engine:
                 if m["role"] == "assistant" and isinstance(m["content"], str) and m["content"] in self._answers
             }
         prompt = make_prompt(self.tokenizer, messages, settings.visual_tokens(self.model.config), known=known)
+        prompt.image_span = settings.image_span(self.model.config)
         settings = settings.for_prompt(self.tokenizer, messages)
         if prompt.positions[-1] == IMAGE_POSITION:
             raise UserError("the chat template ends the prompt with the image; it must end with text")
-        max_tokens = min(max_tokens, room_to_answer(self.model.config, len(prompt.positions)))
+        max_tokens = min(max_tokens, room_to_answer(self.model.config, prompt.span))
         options = dict(temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop), timeout_s=timeout_s)
         return Job(picture, prompt, settings, max_tokens, **options, received=received)
 
@@ -270,6 +280,7 @@ class Engine:
             "waiting": len(self._waiting),
             "prefilling": len(self._prefilling),
             "decoding": len(self._decoding),
+            "solo": len(self._solo),
             "in_engine": self._in_engine,
         }
 
@@ -296,7 +307,7 @@ class Engine:
 
     def _run(self) -> None:
         self._generator = self._new_generator()
-        while self._take_inbox(block=not (self._waiting or self._prefilling or self._decoding)):
+        while self._take_inbox(block=not self._slots()):
             try:
                 self._step()
             except Exception:  # a bug of ours: every request in flight fails, the worker goes on
@@ -320,7 +331,9 @@ class Engine:
             self._guarded(self._prefilling[0], self._prefill_step)
         if self._decoding:
             self._decode_step()
-        if not (self._waiting or self._prefilling or self._decoding):
+        if self._solo:
+            self._guarded(self._solo[0], self._solo_step)
+        if not self._slots():
             mx.clear_cache()  # idle: hand the freed buffers back
 
     def _new_generator(self) -> BatchGenerator:
@@ -350,7 +363,7 @@ class Engine:
                 self._drop(next((s for s in self._slots() if s.handle is item), None))
 
     def _slots(self) -> list[_Slot]:
-        return [*self._waiting, *self._prefilling, *self._decoding.values()]
+        return [*self._waiting, *self._prefilling, *self._decoding.values(), *self._solo]
 
     def _drop(self, slot: _Slot | None) -> None:
         """Take `slot` out of the engine wherever it is (it gets no more events)."""
@@ -363,6 +376,10 @@ class Engine:
         elif slot.uid in self._decoding:
             del self._decoding[slot.uid]
             self._generator.remove([slot.uid])
+        elif slot in self._solo:
+            self._solo.remove(slot)
+            if slot.steps is not None:
+                slot.steps.close()  # the Turn's last queued step is finished there
         else:
             return
         with self._count_lock:
@@ -380,8 +397,9 @@ class Engine:
                 self._fail(slot, f"the request timed out after {slot.job.timeout_s:g} s ({where})", "timeout")
 
     def _admit(self) -> None:
-        while self._waiting and len(self._prefilling) + len(self._decoding) < self.max_batch:
-            self._prefilling.append(self._waiting.pop(0))
+        while self._waiting and len(self._prefilling) + len(self._decoding) + len(self._solo) < self.max_batch:
+            slot = self._waiting.pop(0)
+            (self._solo if slot.solo else self._prefilling).append(slot)
 
     def _guarded(self, slot: _Slot, step: Callable[[_Slot], None]) -> None:
         """Run one step of one request; its bad input fails it alone, and so does a bug."""
@@ -477,6 +495,22 @@ class Engine:
                 self._guarded(slot, lambda s, r=response: self._on_token(s, r))
         self._last_decode = time.perf_counter() if self._decoding else None
 
+    def _solo_step(self, slot: _Slot) -> None:
+        """The next token of a job that keeps pruned tokens' positions (the first: with its vision
+        stage and whole prefill), from the `Turn` that `generate` runs."""
+        if slot.steps is None:
+            job = slot.job
+            slot.t_start = time.perf_counter()
+            job.prompt.features = lambda: image_features(self.model, job.picture, job.settings, self.vision_cache)
+            turn = Turn(self.model, self.tokenizer, job.prompt, max_tokens=job.max_tokens)
+            turn.sampler = seeded_sampler(job.temperature, job.top_p, job.seed)
+            slot.turn, slot.steps = turn, iter(turn)
+        response = next(slot.steps)
+        if slot.features is None:  # the first token: the vision stage and prefill are done
+            slot.features, slot.positions = slot.turn.features, slot.job.prompt.positions
+            slot.t_vision = time.perf_counter() - slot.turn.timings.prefill_s
+        self._on_token(slot, response)
+
     def _on_token(self, slot: _Slot, response) -> None:
         now = time.perf_counter()
         slot.t_first = slot.t_first or now
@@ -498,16 +532,21 @@ class Engine:
         slot.sent = upto
         if not finish:
             return
+        if not slot.solo:  # a solo cache carries positions the prompt cache's users would not know of
+            self._keep_cache(slot, response)
+        if stop_at < 0:
+            self._remember_answer(slot.text, slot.token_ids)
+        self._drop(slot)
+        slot.handle.emit(self._finished(slot, finish))
+
+    def _keep_cache(self, slot: _Slot, response) -> None:
+        """A finished answer's KV cache into the prompt cache, for a follow-up turn."""
         if response.prompt_cache is None:  # cut by a stop string: the generator still holds it
             cache, tokens = self._generator.extract_cache([slot.uid])[slot.uid]
         else:
             cache, tokens = response.prompt_cache, response.all_tokens
         mx.eval([(c.keys, c.values) for c in cache])  # its own copy, not a view holding the batch's buffers
         self.prompt_cache.insert_cache(slot.features.key, list(tokens), cache)
-        if stop_at < 0:
-            self._remember_answer(slot.text, slot.token_ids)
-        self._drop(slot)
-        slot.handle.emit(self._finished(slot, finish))
 
     def _remember_answer(self, text: str, ids: list[int]) -> None:
         """A follow-up turn that quotes this answer reuses its ids (and so the cached positions)."""

@@ -346,7 +346,7 @@ def make_job(engine: Engine, chat: ChatRequest, limits: Limits, allow_files: boo
             image_size=options.image_size,
             pruner=options.pruner,
             keep_ratio=options.keep_ratio,
-            keep_positions=bool(options.keep_positions),
+            keep_positions=options.keep_positions,
             timeout_s=limits.timeout_s,
             received=received,
         )

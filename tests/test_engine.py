@@ -79,7 +79,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch(engine, pictures):
         dict(max_tokens=0),
         dict(seed=-1),
         dict(pruner="nope"),
-        dict(keep_positions=True, pruner="divprune", keep_ratio=0.5),
+        dict(keep_positions="yes", pruner="divprune", keep_ratio=0.5),
     ],  # fmt: skip
 )
 def test_bad_options_are_user_errors(engine, pictures, options):

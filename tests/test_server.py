@@ -354,8 +354,49 @@ def test_pruning_per_request_equals_generate_with_it(server, easyvqa, pictures, 
     )
     assert reply.choices[0].message.content == generate(*easyvqa, pictures[2], QUESTIONS[1], max_tokens=8, **prune).text
     assert reply.model_extra["fastvlm"]["visual_tokens"] == {"before": 64, "after": 32}
-    got, data = server.post(json.dumps({"messages": messages, "fastvlm": {**prune, "keep_positions": True}}).encode())
-    assert got == 400 and "keep_positions" in data["error"]["message"]
+    kept = server.client().chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=8, extra_body={"fastvlm": {**prune, "keep_positions": True}}
+    )
+    alone = generate(*easyvqa, pictures[2], QUESTIONS[1], max_tokens=8, keep_positions=True, **prune)
+    assert kept.choices[0].message.content == alone.text
+
+
+def test_kept_positions_answer_as_generate_per_request_and_by_the_models_default(tiny_mlx, image_path, tmp_path):
+    """Pruned tokens keeping their places (GAP) run outside the batch, as generate runs them, beside
+    batched requests; a conversion whose default keeps them is served so too, not packed. The tiny
+    random model's answers tell the two apart."""
+    import shutil
+
+    from fastvlm_mlx import load
+
+    folder = tmp_path / "gap"
+    shutil.copytree(tiny_mlx, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps(config | dict(pruner="divprune", keep_ratio=0.5, keep_positions=True))
+    )
+    model, tokenizer = load(str(folder))
+    picture, text = Image.open(image_path).convert("RGB"), "what color is the shape?"
+    want = {
+        name: generate(model, tokenizer, picture, text, max_tokens=12, **options).text
+        for name, options in [("gap", {}), ("packed", dict(keep_positions=False)), ("all", dict(pruner="none"))]
+    }
+    assert want["gap"] != want["packed"]  # else this test could not fail
+    limits = Limits(max_image_bytes=10_000_000, max_image_pixels=10_000_000, timeout_s=120)
+    app = create_app(model, tokenizer, model_id="gap", limits=limits, engine=Engine(model, tokenizer, max_batch=4))
+    asks = [None, {"keep_positions": False}, {"pruner": "none"}, None, {"keep_positions": True}, None]
+    with Server(app) as served:
+        client = served.client()
+
+        def ask(options):
+            body = None if options is None else {"fastvlm": options}
+            messages = question(data_url(png(picture)), text)
+            reply = client.chat.completions.create(model="gap", messages=messages, max_tokens=12, extra_body=body)
+            return reply.choices[0].message.content
+
+        with ThreadPoolExecutor(len(asks)) as pool:
+            got = list(pool.map(ask, asks))
+    assert got == [want["gap"], want["packed"], want["all"], want["gap"], want["gap"], want["gap"]]
 
 
 def test_local_files_only_when_allowed(easyvqa, pictures, tmp_path, expected):
