@@ -24,6 +24,7 @@ import click
 import numpy as np
 from PIL import Image
 
+from bench import model_options
 from bench.reference import SYNTHETIC_PROMPT, synthetic_checkpoint
 from bench.sweep import environment
 from fastvlm_mlx.chat import ChatSession
@@ -87,8 +88,7 @@ def measure(session: ChatSession, question: str, max_tokens: int) -> dict:
 
 
 @click.command()
-@click.option("--synthetic", "size", default="0.5b", show_default=True, type=click.Choice(["0.5b", "1.5b", "7b"]))
-@click.option("--model", "model_dir", type=click.Path(exists=True), help="A converted model instead of --synthetic.")
+@model_options
 @click.option("--image-size", default=1024, show_default=True, type=int)
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-tokens", default=16, show_default=True, type=click.IntRange(min=1))

@@ -21,6 +21,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import make_prompt_cache
 
+from bench import model_options, save_new_png
 from fastvlm_mlx.cpu.blas import use_few_rows_kernel
 
 
@@ -62,14 +63,11 @@ def plot(results: dict, out: Path) -> Path:
     axis.set_title(f"{results['config']['model_name']}: batched decoding on this CPU", fontsize=10)
     axis.grid(alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(out, format="png", dpi=110)
-    return out
+    return save_new_png(figure, out)
 
 
 @click.command()
-@click.option("--synthetic", "size", default="0.5b", show_default=True, type=click.Choice(["0.5b", "1.5b", "7b"]))
-@click.option("--model", "model_dir", type=click.Path(exists=True), help="A converted model instead of --synthetic.")
+@model_options
 @click.option("--batches", default="1,2,3,4,6,8", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--context", default=300, show_default=True, type=click.IntRange(min=1), help="Tokens in each cache.")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="Timed steps per run.")

@@ -38,6 +38,8 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from bench import model_options, save_new_png
+
 GOAL_SPEEDUP, GOAL_TTFT = 3.0, 2.0
 QUESTIONS = (
     "Describe the image in detail, listing every object you can see and its colour.",
@@ -216,16 +218,11 @@ def plot(results: dict, path: Path) -> Path:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.suptitle(f"fastvlm-mlx serve, {results['config']['model_name']}")
-    figure.tight_layout()
-    with open(path, "xb") as out:  # new file only
-        figure.savefig(out, format="png", dpi=110)
-    plt.close(figure)
-    return path
+    return save_new_png(figure, path)
 
 
 @click.command()
-@click.option("--synthetic", "size", default="0.5b", show_default=True, type=click.Choice(["0.5b", "1.5b", "7b"]))
-@click.option("--model", "model_dir", type=click.Path(exists=True), help="A converted model instead of --synthetic.")
+@model_options
 @click.option("--clients", default="1,2,4,8,16", show_default=True, help="Comma-separated client counts.")
 @click.option("--requests", default=3, show_default=True, type=click.IntRange(min=1), help="Per client, in turn.")
 @click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1))
