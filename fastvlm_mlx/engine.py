@@ -145,6 +145,16 @@ def seeded_sampler(temperature: float, top_p: float, seed: int | None):
     return sample
 
 
+@dataclass
+class _FirstToken:
+    """The first token, sampled by the engine itself, shaped as the generator's responses are."""
+
+    token: int
+    finish_reason: str | None
+    prompt_cache: list | None  # with a finish: the cache, holding `all_tokens`
+    all_tokens: list[int] | None
+
+
 class _Slot:
     """A job inside the engine: waiting, prefilling, then decoding under a generator uid."""
 
@@ -161,6 +171,7 @@ class _Slot:
         self.text, self.sent, self.token_ids, self.generated = "", 0, [], 0
         self.t_start = self.t_vision = self.t_first = self.t_last = None
         self.turn = self.steps = None  # a solo slot's Turn and its iteration, once started
+        self.sampler = None  # once prefilled: draws its first token, then the generator's for it
 
     @property
     def solo(self) -> bool:
@@ -412,33 +423,43 @@ class Engine:
             self._fail(slot, "internal error while answering; see the server log", "server")
 
     def _prefill_step(self, slot: _Slot) -> None:
-        """A slice of the vision stage, then one chunk of the prompt, then the hand-over to decoding."""
+        """A slice of the vision stage, or one chunk of the prompt; after the last chunk the first token,
+        sampled from its logits as `generate` does, then the hand-over to decoding."""
         if slot.features is None:
             self._vision_step(slot)
             return
         total = slot.embeds.shape[1]
         chunk = self.prefill_chunk if self._decoding else PREFILL_CHUNK  # nobody to keep waiting: go
-        if slot.prefilled < total:
-            end = min(slot.prefilled + chunk, total)
-            with mx.stream(generation_stream):
-                self.model.language_model.model(
-                    None, cache=slot.cache, input_embeddings=slot.embeds[:, slot.prefilled : end]
-                )
+        end = min(slot.prefilled + chunk, total)
+        job = slot.job
+        with mx.stream(generation_stream):
+            hidden = self.model.language_model.model(
+                None, cache=slot.cache, input_embeddings=slot.embeds[:, slot.prefilled : end]
+            )
+            if end < total:
                 mx.eval([c.state for c in slot.cache])
-            slot.prefilled = end
-        if slot.prefilled == total:
-            self._prefilling.remove(slot)
-            job = slot.job
-            sampler = seeded_sampler(job.temperature, job.top_p, job.seed)
-            uid = self._generator.insert(
-                [[slot.positions[-1]]],
-                max_tokens=[job.max_tokens],
-                caches=[slot.cache],
-                all_tokens=[slot.positions[:-1]],
-                samplers=[sampler],
-            )[0]
-            slot.uid, slot.embeds = uid, None
-            self._decoding[uid] = slot
+                slot.prefilled = end
+                return
+            logits = self.model.head(hidden[:, -1, :])
+            slot.sampler = seeded_sampler(job.temperature, job.top_p, job.seed)
+            token = slot.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+            mx.eval(token, [c.state for c in slot.cache])
+        token = int(token.item())
+        slot.prefilled, slot.embeds = end, None
+        finish = "stop" if token in self.eos else "length" if job.max_tokens == 1 else None
+        if finish:  # done at once: still among the prefilling, which the finish takes it out of
+            self._on_token(slot, _FirstToken(token, finish, slot.cache, slot.positions))
+            return
+        self._prefilling.remove(slot)
+        slot.uid = self._generator.insert(
+            [[token]],  # fed next, at the position after the prompt's
+            max_tokens=[job.max_tokens - 1],
+            caches=[slot.cache],
+            all_tokens=[list(slot.positions)],  # a copy: the generator appends what it feeds
+            samplers=[slot.sampler],
+        )[0]
+        self._decoding[slot.uid] = slot
+        self._on_token(slot, _FirstToken(token, None, None, None))
 
     def _vision_step(self, slot: _Slot) -> None:
         """The image's features: from the vision cache, else the tower's blocks for `vision_slice_s`
@@ -467,10 +488,10 @@ class Engine:
         if cache is None:
             cache = make_prompt_cache(self.model.language_model)
         reused = len(positions) - len(rest)
-        if reused == len(positions):  # the last position goes to the generator as its prompt
+        if reused == len(positions):  # the last position is run again: its logits give the first token
             trim_prompt_cache(cache, 1)
             reused -= 1
-        slot.embeds = self.model.splice(prompt.ids_before, features.embeds, prompt.ids_after)[:, reused:-1]
+        slot.embeds = self.model.splice(prompt.ids_before, features.embeds, prompt.ids_after)[:, reused:]
         slot.features, slot.cache, slot.positions, slot.reused = features, cache, positions, reused
         slot.t_vision = time.perf_counter()
         self.stats["prefilled_positions"] += len(positions) - reused
