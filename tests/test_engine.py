@@ -43,6 +43,22 @@ def test_batched_greedy_answers_equal_generate(easyvqa, engine, pictures):
         assert done.finish_reason == expected.finish_reason
 
 
+def test_answers_done_at_their_first_token_leave_nothing_behind(easyvqa, pictures):
+    """The engine samples the first token itself; one-token answers never reach the batch generator."""
+    model, tokenizer = easyvqa
+    cases = [(p, q) for p in pictures for q in QUESTIONS]
+    with Engine(model, tokenizer, max_batch=4) as fresh:  # its prompt cache holds only what this test puts there
+        handles = [fresh.submit(fresh.prepare(p, user(q), max_tokens=1)) for p, q in cases]
+        for (picture, question), handle in zip(cases, handles, strict=True):
+            done = list(handle)[-1]
+            expected = generate(model, tokenizer, picture, question, max_tokens=1)
+            assert isinstance(done, Finished) and (done.text, done.finish_reason) == (expected.text, "length")
+            assert done.completion_tokens == 1
+        assert fresh.load()["in_engine"] == 0  # every slot freed
+        again = list(fresh.submit(fresh.prepare(pictures[0], user(QUESTIONS[0]), max_tokens=1)))[-1]
+        assert again.timings["reused_positions"] > 0  # the one-token answer's cache went to the prompt cache
+
+
 def test_follow_up_prefills_only_its_own_tokens(easyvqa, engine, pictures):
     model, tokenizer = easyvqa
     first = ask(engine, pictures[0], user(QUESTIONS[0]), max_tokens=8)[-1]
