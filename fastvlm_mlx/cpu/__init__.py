@@ -5,7 +5,7 @@ never see any of it: the model code (`vision.py`, `model.py`) is MLX's own ops.
 What each piece buys, FastVLM-0.5B at 1024² on a 2-core AMD EPYC (AVX-512), fp32:
 - `blas`: OpenBLAS (pip's scipy-openblas32, AVX-512 kernels) instead of the reference BLAS that
   MLX's Linux wheel links (~35x slower GEMM); one-row products go to its gemv, 2-7 rows times a
-  weight matrix to the shim's threaded kernel (batch-2 decode step 138 -> 91 ms). Loaded just
+  weight matrix to the shim's threaded kernel (batch-2 decode step 145 -> 97 ms). Loaded just
   before the first `import mlx.core`: the only thing importing `fastvlm_mlx` arranges.
 - `jit`: MLX's kernel builds with `-march=native` and unit-stride loops (`gxx.py`), in a private
   kernel folder; a buffer cache that keeps freed buffers (tower 5.1 -> 3.8 s with the rewrite).
