@@ -440,9 +440,8 @@ class Engine:
                 mx.eval([c.state for c in slot.cache])
                 slot.prefilled = end
                 return
-            logits = self.model.head(hidden[:, -1, :])
             slot.sampler = seeded_sampler(job.temperature, job.top_p, job.seed)
-            token = slot.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+            token = slot.sampler(self.model.next_logprobs(hidden))
             mx.eval(token, [c.state for c in slot.cache])
         token = int(token.item())
         slot.prefilled, slot.embeds = end, None

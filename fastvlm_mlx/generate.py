@@ -303,8 +303,7 @@ def _token_steps(model: FastVLM, embeds: mx.array, cache: list, sampler, max_tok
     lm = model.language_model
 
     def sample(hidden: mx.array):
-        logits = model.head(hidden[:, -1, :])
-        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        logprobs = model.next_logprobs(hidden)
         return sampler(logprobs), logprobs.squeeze(0)
 
     def queue(step):  # the step that feeds `step`'s token, evaluated in the background

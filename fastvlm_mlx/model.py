@@ -136,6 +136,11 @@ class FastVLM(nn.Module):
         lm = self.language_model
         return lm.model.embed_tokens.as_linear(hidden) if lm.args.tie_word_embeddings else lm.lm_head(hidden)
 
+    def next_logprobs(self, hidden: mx.array) -> mx.array:
+        """Log-probabilities (B, V) of the token after each row's last position, from final hidden states."""
+        logits = self.head(hidden[:, -1, :])
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
     def logits(self, input_embeddings: mx.array, cache=None) -> mx.array:
         """Full-sequence logits (B, L, V) from merged input embeddings."""
         return self.language_model(None, cache=cache, input_embeddings=input_embeddings)

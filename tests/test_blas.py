@@ -67,6 +67,13 @@ print(len(errors), max(errors), os.waitstatus_to_exitcode(status))
 """
 
 
+def skip_without_a_compiler() -> None:
+    from fastvlm_mlx.cpu import native
+
+    if native.build("int probe(void) { return 1; }\n", "probe") is None:
+        pytest.skip("no C compiler or no private cache folder here")
+
+
 def run(env_extra: dict) -> list[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTVLM_MLX_")}
     out = subprocess.run([sys.executable, "-c", GEMMS], env=env | env_extra, capture_output=True, text=True)
@@ -76,10 +83,7 @@ def run(env_extra: dict) -> list[str]:
 
 @pytest.mark.skipif(not LINUX, reason="BLAS preloading is Linux-only")
 def test_openblas_behind_the_shim_gives_numpys_products():
-    from fastvlm_mlx.cpu import native
-
-    if native.build("int probe(void) { return 1; }\n", "probe") is None:
-        pytest.skip("no C compiler or no private cache folder here")
+    skip_without_a_compiler()
     blas, worst = run({})
     assert blas.startswith("openblas (") and "via" in blas
     assert float(worst) < 1e-5  # float32 sums of up to 96 terms, relative to the largest
@@ -87,10 +91,7 @@ def test_openblas_behind_the_shim_gives_numpys_products():
 
 @pytest.mark.skipif(not LINUX, reason="BLAS preloading is Linux-only")
 def test_the_shims_few_rows_kernel_from_threads_and_after_fork():
-    from fastvlm_mlx.cpu import native
-
-    if native.build("int probe(void) { return 1; }\n", "probe") is None:
-        pytest.skip("no C compiler or no private cache folder here")
+    skip_without_a_compiler()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTVLM_MLX_")}
     out = subprocess.run([sys.executable, "-c", SHIM_THREADS], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -139,10 +140,7 @@ def test_native_libraries_are_built_only_in_a_private_folder(tmp_path, monkeypat
 def test_decode_batch_bench_times_the_kernel_on_and_off(tiny_mlx, tmp_path):
     import json
 
-    from fastvlm_mlx.cpu import native
-
-    if native.build("int probe(void) { return 1; }\n", "probe") is None:
-        pytest.skip("no C compiler or no private cache folder here")
+    skip_without_a_compiler()
     command = [sys.executable, "-m", "bench.decode_batch", "--model", str(tiny_mlx), "--batches", "1,3"]
     command += ["--steps", "2", "--rounds", "2", "--context", "8", "--out", str(tmp_path)]
     out = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -46,7 +46,7 @@ FORWARD(void, const void*, cblas_cgemm)
 void scipy_cblas_sgemm(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*, int);
 void scipy_cblas_sgemv(int, int, int, int, float, const float*, int, const float*, int, float, float*, int);
 
-/* A few rows times a weight matrix (batched decoding: x @ W.T with 2-8 rows): OpenBLAS's gemm
+/* A few rows times a weight matrix (batched decoding: x @ W.T with 2-7 rows): OpenBLAS's gemm
    runs it at half the memory bandwidth, so each helper thread reads its share of W's rows once
    and takes the dot products with every row of x. */
 typedef float v16 __attribute__((vector_size(64)));
