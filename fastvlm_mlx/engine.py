@@ -3,10 +3,12 @@
 Decoding is mlx-lm's `BatchGenerator` (continuous batching: `BatchKVCache` merge, extend and
 filter, per-request samplers, max_tokens and end-of-sequence handling). It takes token prompts
 only, and ours are input embeddings with the image spliced in, so the engine prefills each
-prompt but its last position itself, into a per-request `KVCache`, in chunks between decode
-steps (a long prompt never stalls the others for more than one chunk), then inserts the last
-token with that cache. The vision tower of a new image runs the same way, in slices of its
-blocks between decode steps (`vision_slice_s`) while others decode. Finished requests leave
+prompt itself, in chunks between decode steps (a long prompt never stalls the others for more
+than one chunk), samples the first token from the last position's logits and inserts that token
+with the prompt's cache. Last chunks that fit in one turn together are prefilled as one batch
+(their caches merged, as the generator prefills), so a burst of follow-up turns gets its first
+tokens in one turn, not one a turn. The vision tower of a new image runs between decode steps
+too, in slices of its blocks (`vision_slice_s`) while others decode. Finished requests leave
 their caches in mlx-lm's `LRUPromptCache`, keyed by the image's feature key and the prompt's
 positions, so a follow-up turn prefills only what it adds; the vision stage goes through a
 `VisionCache`.
@@ -223,6 +225,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self.stats = {"requests": 0, "prefilled_positions": 0, "reused_positions": 0, "decode_steps": 0}
+        self.stats |= {"prefill_batches": 0, "largest_prefill_batch": 0}  # last chunks prefilled together
         # The longest wait of answers in flight between two decode steps (prefill and vision slices run there).
         self.stats["longest_decode_gap_s"] = 0.0
         self._last_decode: float | None = None  # when the last decode step ended, while answers are in flight
@@ -339,11 +342,11 @@ class Engine:
         self._expire()
         self._admit()
         if self._prefilling:
-            self._guarded(self._prefilling[0], self._prefill_step)
+            self._prefill_turn()
         if self._decoding:
             self._decode_step()
         if self._solo:
-            self._guarded(self._solo[0], self._solo_step)
+            self._guarded(self._solo_step, self._solo[0])
         if not self._slots():
             mx.clear_cache()  # idle: hand the freed buffers back
 
@@ -412,39 +415,97 @@ class Engine:
             slot = self._waiting.pop(0)
             (self._solo if slot.solo else self._prefilling).append(slot)
 
-    def _guarded(self, slot: _Slot, step: Callable[[_Slot], None]) -> None:
-        """Run one step of one request; its bad input fails it alone, and so does a bug."""
+    def _guarded(self, step: Callable[..., None], *slots: _Slot) -> None:
+        """Run one step of some requests; their bad input fails them alone, and so does a bug."""
         try:
-            step(slot)
+            step(*slots)
         except (UserError, PrunerError) as error:
-            self._fail(slot, " ".join(str(error).split()), "invalid_request")
+            for slot in slots:
+                self._fail(slot, " ".join(str(error).split()), "invalid_request")
         except Exception:
             traceback.print_exc(file=sys.stderr)
-            self._fail(slot, "internal error while answering; see the server log", "server")
+            for slot in slots:
+                self._fail(slot, "internal error while answering; see the server log", "server")
 
-    def _prefill_step(self, slot: _Slot) -> None:
-        """A slice of the vision stage, or one chunk of the prompt; after the last chunk the first token,
-        sampled from its logits as `generate` does, then the hand-over to decoding."""
-        if slot.features is None:
-            self._vision_step(slot)
-            return
-        total = slot.embeds.shape[1]
-        chunk = self.prefill_chunk if self._decoding else PREFILL_CHUNK  # nobody to keep waiting: go
-        end = min(slot.prefilled + chunk, total)
-        job = slot.job
+    def _prefill_turn(self) -> None:
+        """The prefill side of one turn: the vision stage of every image found in the vision cache and a
+        slice of the first one's that is not; then the last chunk of every prompt that has one left and
+        fits, together in one batch (a burst of follow-ups gets its first tokens at once, not one a
+        turn), or else the next chunk of the first longer prompt."""
+        tower_ran = False
+        for slot in list(self._prefilling):
+            if slot.features is None:
+                self._guarded(self._vision_step, slot)
+                if slot in self._prefilling and (slot.features is None or slot.features.vision_s > 0):
+                    tower_ran = True  # a slice of a tower (all of it when nobody decodes): enough for one turn
+                    break
+        chunk = self._chunk()
+        ready = [s for s in self._prefilling if s.features is not None]
+        together, width = [], 0
+        for slot in ready:
+            left = slot.embeds.shape[1] - slot.prefilled
+            if left <= chunk and (len(together) + 1) * max(width, left) <= chunk:  # padded positions count
+                together.append(slot)
+                width = max(width, left)
+        if together:
+            self._guarded(self._prefill_last, *together)
+        elif ready and not (tower_ran and self._decoding):
+            self._guarded(self._prefill_chunk, ready[0])
+
+    def _chunk(self) -> int:
+        """Prompt positions prefilled in one turn: fewer while others decode, so they are not kept waiting."""
+        return self.prefill_chunk if self._decoding else PREFILL_CHUNK
+
+    def _prefill_chunk(self, slot: _Slot) -> None:
+        """One chunk of a prompt longer than the rest of a turn allows, into its own cache."""
+        end = slot.prefilled + self._chunk()
         with mx.stream(generation_stream):
-            hidden = self.model.language_model.model(
+            self.model.language_model.model(
                 None, cache=slot.cache, input_embeddings=slot.embeds[:, slot.prefilled : end]
             )
-            if end < total:
-                mx.eval([c.state for c in slot.cache])
-                slot.prefilled = end
-                return
-            slot.sampler = seeded_sampler(job.temperature, job.top_p, job.seed)
-            token = slot.sampler(self.model.next_logprobs(hidden))
-            mx.eval(token, [c.state for c in slot.cache])
-        token = int(token.item())
-        slot.prefilled, slot.embeds = end, None
+            mx.eval([c.state for c in slot.cache])
+        slot.prefilled = end
+
+    def _prefill_last(self, *slots: _Slot) -> None:
+        """The last chunk of each prompt, all in one batch: right-padded over their caches merged (left-padded)
+        into one `BatchKVCache`, as mlx-lm's `BatchGenerator` prefills. Each first token is sampled from its
+        row's last logits with the request's sampler, as `generate` does; then the hand-over to decoding."""
+        lengths = [s.embeds.shape[1] - s.prefilled for s in slots]
+        width = max(lengths)
+        self.stats["prefill_batches"] += 1
+        self.stats["largest_prefill_batch"] = max(self.stats["largest_prefill_batch"], len(slots))
+        with mx.stream(generation_stream):
+            if len(slots) == 1:
+                cache = slots[0].cache
+            else:
+                cache = [layer[0].merge(list(layer)) for layer in zip(*(s.cache for s in slots), strict=True)]
+                for c in cache:
+                    c.prepare(right_padding=[width - n for n in lengths])
+            embeds = [
+                mx.pad(s.embeds[:, s.prefilled :], [(0, 0), (0, width - n), (0, 0)])
+                for s, n in zip(slots, lengths, strict=True)
+            ]
+            hidden = self.model.language_model.model(None, cache=cache, input_embeddings=mx.concatenate(embeds))
+            logprobs = self.model.next_logprobs(hidden[mx.arange(len(slots)), mx.array(lengths) - 1][:, None])
+            if len(slots) > 1:
+                for c in cache:
+                    c.finalize()  # the padding rolled to the left, where the merge's is
+            tokens, caches = (
+                [],
+                [cache] if len(slots) == 1 else [[c.extract(i) for c in cache] for i in range(len(slots))],
+            )
+            for i, slot in enumerate(slots):
+                job = slot.job
+                slot.sampler = seeded_sampler(job.temperature, job.top_p, job.seed)
+                tokens.append(slot.sampler(logprobs[i : i + 1]))
+            mx.eval(tokens, [[c.state for c in own] for own in caches])
+        for slot, token, own in zip(slots, tokens, caches, strict=True):
+            self._guarded(self._hand_over, slot, int(token.item()), own)
+
+    def _hand_over(self, slot: _Slot, token: int, cache: list) -> None:
+        """A prefilled prompt's first token out, and the rest of its answer to the generator."""
+        job = slot.job
+        slot.prefilled, slot.embeds, slot.cache = slot.embeds.shape[1], None, cache
         finish = "stop" if token in self.eos else "length" if job.max_tokens == 1 else None
         if finish:  # done at once: still among the prefilling, which the finish takes it out of
             self._on_token(slot, _FirstToken(token, finish, slot.cache, slot.positions))
@@ -512,7 +573,7 @@ class Engine:
         for response in responses:
             slot = self._decoding.get(response.uid)
             if slot is not None:
-                self._guarded(slot, lambda s, r=response: self._on_token(s, r))
+                self._guarded(lambda s, r=response: self._on_token(s, r), slot)
         self._last_decode = time.perf_counter() if self._decoding else None
 
     def _solo_step(self, slot: _Slot) -> None:

@@ -3,7 +3,9 @@
 import threading
 import time
 
+import numpy as np
 import pytest
+from mlx_lm.models.cache import make_prompt_cache
 from PIL import Image
 
 from fastvlm_mlx.engine import Delta, Engine, Failed, Finished, QueueFull
@@ -67,6 +69,55 @@ def test_follow_up_prefills_only_its_own_tokens(easyvqa, engine, pictures):
     assert follow.text == generate(model, tokenizer, pictures[0], conversation, max_tokens=8).text
     assert follow.timings["vision_cached"] and follow.timings["reused_positions"] > first.prompt_tokens
     assert follow.timings["prefilled_positions"] < 20  # the new user turn and the assistant header
+
+
+def test_a_burst_of_cached_turns_prefills_as_one_batch_with_generates_answers(easyvqa, pictures, monkeypatch):
+    """Turns whose image is cached arriving together are prefilled in one batch over their caches of
+    different lengths (left-padded) and their last chunks of different lengths (right-padded); each
+    answer is still generate's, and each one's KV cache is what its prompt prefilled alone gives."""
+    model, tokenizer = easyvqa
+    handed = []  # (slot, its cache) as each prefilled prompt goes to decoding
+    real_hand_over = Engine._hand_over
+    monkeypatch.setattr(
+        Engine,
+        "_hand_over",
+        lambda self, slot, token, cache: (handed.append((slot, cache)), real_hand_over(self, slot, token, cache)),
+    )
+    first = {p: generate(model, tokenizer, pictures[p], QUESTIONS[0], max_tokens=8).text for p in (0, 1)}
+    burst = [
+        (0, [*user(QUESTIONS[0]), {"role": "assistant", "content": first[0]}, *user(QUESTIONS[1])]),
+        (1, [*user(QUESTIONS[0]), {"role": "assistant", "content": first[1]}, *user(QUESTIONS[2] + " is it?")]),
+        (0, user(QUESTIONS[2])),
+        (1, user(QUESTIONS[1])),
+    ]
+    release = threading.Event()
+    with Engine(model, tokenizer, max_batch=5) as fresh:
+        for p in (0, 1):  # their images and first turns into the caches
+            assert ask(fresh, pictures[p], user(QUESTIONS[0]), max_tokens=8)[-1].text == first[p]
+        # A long answer whose first event holds the worker while the burst is queued, so it arrives at once.
+        fresh.submit(fresh.prepare(pictures[2], user("what?"), max_tokens=4), on_event=lambda e: release.wait(30))
+        handles = [fresh.submit(fresh.prepare(pictures[p], messages, max_tokens=8)) for p, messages in burst]
+        release.set()
+        for (p, messages), handle in zip(burst, handles, strict=True):
+            done = list(handle)[-1]
+            expected = generate(model, tokenizer, pictures[p], messages, max_tokens=8)
+            assert isinstance(done, Finished) and done.text == expected.text, messages
+            assert done.finish_reason == expected.finish_reason and done.timings["vision_cached"]
+        assert fresh.stats["largest_prefill_batch"] == len(burst)
+        assert fresh.load()["in_engine"] == 0
+    lengths = {len(slot.positions) for slot, _ in handed[-len(burst) :]}
+    assert len(lengths) == len(burst)  # every cache and last chunk differs in length: the padding is exercised
+    for slot, cache in handed[-len(burst) :]:
+        prompt = slot.job.prompt
+        alone = make_prompt_cache(model.language_model)
+        model.language_model(
+            None, cache=alone, input_embeddings=model.splice(prompt.ids_before, slot.features.embeds, prompt.ids_after)
+        )
+        for mine, theirs in zip(cache, alone, strict=True):
+            assert mine.offset == theirs.offset == len(slot.positions)
+            for got, want in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+                n = len(slot.positions)
+                np.testing.assert_allclose(np.array(got[..., :n, :]), np.array(want[..., :n, :]), rtol=1e-4, atol=1e-5)
 
 
 def test_stop_strings_cut_the_answer_and_hold_back_text(engine, pictures):
