@@ -142,10 +142,11 @@ def run_round(
     return records, time.perf_counter() - start
 
 
-def summarize_round(records: list[dict], wall_s: float, longest_decode_gap_s: float) -> dict:
+def summarize_round(records: list[dict], wall_s: float, stats: dict) -> dict:
     """Throughput and TTFT percentiles: of every request, and of the steady ones (each client's second
-    and later, which arrive as other answers finish rather than all at the round's start), and the
-    longest time answers in flight waited between two decode steps (the engine's)."""
+    and later, which arrive as other answers finish rather than all at the round's start); from the
+    engine's `stats` of the round, the longest time answers in flight waited between two decode steps,
+    the mean decode step, and the shares of the wall time its worker spent decoding and prefilling."""
     tokens = sum(r["completion_tokens"] for r in records)
     steady = [r for r in records if r["turn"] > 0] or records
     return {
@@ -160,7 +161,11 @@ def summarize_round(records: list[dict], wall_s: float, longest_decode_gap_s: fl
         "server_queue_s_p95": percentile([r["server"]["queue_s"] or 0 for r in records], 0.95),
         "server_prefill_s_median": percentile([r["server"]["prefill_s"] or 0 for r in records], 0.5),
         "server_vision_s_median": percentile([r["server"]["vision_s"] or 0 for r in records], 0.5),
-        "longest_decode_gap_s": longest_decode_gap_s,
+        "longest_decode_gap_s": stats["longest_decode_gap_s"],
+        "decode_steps": stats["decode_steps"],
+        "decode_step_s_mean": stats["decode_s"] / max(1, stats["decode_steps"]),
+        "decoding_share": stats["decode_s"] / wall_s,
+        "prefill_share": stats["prefill_s"] / wall_s,
     }
 
 
@@ -274,14 +279,23 @@ def main(size, model_dir, clients, requests, max_tokens, image_size, workloads, 
                                timeout=3600)  # fmt: skip
         run_round(client, name, 1, 1, "fresh-image", image_size, max_tokens, 999_000)  # warm-up, untimed
         memory_before = mx.get_active_memory()
+        zeroed = dict(longest_decode_gap_s=0.0, decode_steps=0, decode_s=0.0, prefill_s=0.0)  # per round
         for n_workload, workload in enumerate(kinds):
             curve, records = {}, {}
             for n in counts:
                 seed0 = 100_000 * (n_workload + 1) + 1000 * n
-                reset = lambda: engine.stats.update(longest_decode_gap_s=0.0)  # noqa: E731
-                recs, wall = run_round(client, name, n, requests, workload, image_size, max_tokens, seed0, reset)
-                gap = engine.stats["longest_decode_gap_s"]
-                curve[str(n)], records[str(n)] = summarize_round(recs, wall, gap), recs
+                recs, wall = run_round(
+                    client,
+                    name,
+                    n,
+                    requests,
+                    workload,
+                    image_size,
+                    max_tokens,
+                    seed0,
+                    lambda: engine.stats.update(zeroed),
+                )
+                curve[str(n)], records[str(n)] = summarize_round(recs, wall, dict(engine.stats)), recs
                 click.echo(f"{workload:9s} {n:2d} clients: {json.dumps(curve[str(n)])}", err=True)
             results["workloads"][workload] = {"curve": curve, "goals": goals({int(k): v for k, v in curve.items()}),
                                               "requests": records}  # fmt: skip

@@ -226,6 +226,7 @@ class Engine:
         self._stopped = threading.Event()
         self.stats = {"requests": 0, "prefilled_positions": 0, "reused_positions": 0, "decode_steps": 0}
         self.stats |= {"prefill_batches": 0, "largest_prefill_batch": 0}  # last chunks prefilled together
+        self.stats |= {"decode_s": 0.0, "prefill_s": 0.0}  # the worker's time in decode steps, in prefill turns
         # The longest wait of answers in flight between two decode steps (prefill and vision slices run there).
         self.stats["longest_decode_gap_s"] = 0.0
         self._last_decode: float | None = None  # when the last decode step ended, while answers are in flight
@@ -341,10 +342,14 @@ class Engine:
         """One turn of the loop: timeouts, admissions, one prefill step, one decode step."""
         self._expire()
         self._admit()
+        began = time.perf_counter()
         if self._prefilling:
             self._prefill_turn()
+        prefilled = time.perf_counter()
         if self._decoding:
             self._decode_step()
+        self.stats["prefill_s"] += prefilled - began
+        self.stats["decode_s"] += time.perf_counter() - prefilled
         if self._solo:
             self._guarded(self._solo_step, self._solo[0])
         if not self._slots():

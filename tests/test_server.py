@@ -325,6 +325,8 @@ def test_the_load_bench_runs_and_writes_json_and_png(tmp_path, shipped_mlx):
     for workload in ("fresh-image", "cached-image"):
         curve = results["workloads"][workload]["curve"]
         assert curve["8"]["completion_tokens"] == 8 * 2 * 3 and curve["1"]["tokens_per_s"] > 0
+        assert curve["1"]["decode_steps"] >= 2 * (3 - 1)  # a step per token after each first one, at least
+        assert 0 < curve["8"]["decoding_share"] + curve["8"]["prefill_share"] <= 1
         assert {"speedup_8_over_1", "ttft_goal_met"} <= set(results["workloads"][workload]["goals"])
     assert (tmp_path / "serve-load-mlx.png").stat().st_size > 0
 
