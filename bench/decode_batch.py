@@ -1,4 +1,4 @@
-"""Batched decoding's step time against the batch size, with the CPU shim's 2-7-row kernel on and off.
+"""Batched decoding's step time against the batch size, with the CPU shim's 2-8-row kernel on and off.
 
     python -m bench.decode_batch --synthetic 0.5b [--batches 1,2,3,4,6,8] [--rounds 2] [--out docs/results]
 
@@ -57,7 +57,7 @@ def plot(results: dict, out: Path) -> Path:
 
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
     batches = [int(b) for b in results["step_ms"]]
-    for mode, label in (("on", "shim's kernel (2-7 rows)"), ("off", "OpenBLAS gemm")):
+    for mode, label in (("on", "shim's kernel (2-8 rows)"), ("off", "OpenBLAS gemm")):
         axis.plot(batches, [results["step_ms"][str(b)][mode]["median"] for b in batches], "o-", label=label)
     axis.set(xlabel="sequences decoded together", ylabel="ms per decode step (median)", xticks=batches)
     axis.set_title(f"{results['config']['model_name']}: batched decoding on this CPU", fontsize=10)

@@ -1,6 +1,6 @@
 """The server under load: 1, 2, 4, 8, 16 concurrent clients, streamed through the openai client.
 
-    python -m bench.serve_load --synthetic 0.5b [--clients 1,2,4,8,16] [--out docs/results]   (or --model DIR)
+    python -m bench.serve_load --synthetic 0.5b [--clients 1,2,4,8,16] [--rounds 2]  (or --model DIR)
 
 The real server (`fastvlm_mlx.server.create_app`) runs in this process on a free loopback port.
 Each client is a thread that sends `--requests` streamed requests one after another (a closed
@@ -17,7 +17,9 @@ Total completion tokens/s is every client's tokens over the wall time of the rou
 the issue): 8 clients get >= 3x one client's tokens/s, and a first token waits no longer than one
 other request's prefill: the p95 TTFT at 8 clients of the steady requests (each client's second and
 later; the first ones all arrive at once) <= 2x the single-client median TTFT (its own prefill plus
-one other's). Writes serve-load-<size>.json and .png (never over earlier files).
+one other's). With `--rounds N` the curve runs N times, every second time in reverse order, and each
+number is the median of its rounds (each round kept beside it), so the 8-over-1 ratio does not rest on
+one spell of this shared machine. Writes serve-load-<size>.json and .png (never over earlier files).
 """
 
 import fastvlm_mlx  # noqa: F401, I001  first: preloads the BLAS before anything imports mlx
@@ -169,6 +171,13 @@ def summarize_round(records: list[dict], wall_s: float, stats: dict) -> dict:
     }
 
 
+def median_of(summaries: list[dict]) -> dict:
+    """One round's summary as it is; of several, the median of each number, with the rounds themselves."""
+    if len(summaries) == 1:
+        return summaries[0]
+    return {k: statistics.median(s[k] for s in summaries) for k in summaries[0]} | {"rounds": summaries}
+
+
 def percentile(values: list[float], q: float) -> float:
     """The nearest-rank percentile (the median for q=0.5 of an even count is the mean of the middle two)."""
     ordered = sorted(values)
@@ -236,9 +245,13 @@ def plot(results: dict, path: Path) -> Path:
     "--workloads", default="fresh-image,cached-image", show_default=True, help="fresh-image, cached-image or both."
 )
 @click.option("--max-batch", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--rounds", default=1, show_default=True, type=click.IntRange(min=1),
+    help="Run the curve this many times, in reverse order every second time; medians are reported.",
+)  # fmt: skip
 @click.option("--models-dir", default="bench-results", show_default=True, type=click.Path(), help="Synthetic models.")
 @click.option("--out", "out_dir", default="docs/results", show_default=True, type=click.Path())
-def main(size, model_dir, clients, requests, max_tokens, image_size, workloads, max_batch, models_dir, out_dir):
+def main(size, model_dir, clients, requests, max_tokens, image_size, workloads, max_batch, rounds, models_dir, out_dir):
     """Throughput and TTFT of the server at rising numbers of concurrent clients."""
     import openai
 
@@ -269,6 +282,7 @@ def main(size, model_dir, clients, requests, max_tokens, image_size, workloads, 
             max_tokens=max_tokens,
             image_size=image_size,
             max_batch=max_batch,
+            rounds=rounds,
             answers_run_to_max_tokens=True,
         ),  # fmt: skip
         "environment": environment(None),
@@ -281,22 +295,25 @@ def main(size, model_dir, clients, requests, max_tokens, image_size, workloads, 
         memory_before = mx.get_active_memory()
         zeroed = dict(longest_decode_gap_s=0.0, decode_steps=0, decode_s=0.0, prefill_s=0.0)  # per round
         for n_workload, workload in enumerate(kinds):
-            curve, records = {}, {}
-            for n in counts:
-                seed0 = 100_000 * (n_workload + 1) + 1000 * n
-                recs, wall = run_round(
-                    client,
-                    name,
-                    n,
-                    requests,
-                    workload,
-                    image_size,
-                    max_tokens,
-                    seed0,
-                    lambda: engine.stats.update(zeroed),
-                )
-                curve[str(n)], records[str(n)] = summarize_round(recs, wall, dict(engine.stats)), recs
-                click.echo(f"{workload:9s} {n:2d} clients: {json.dumps(curve[str(n)])}", err=True)
+            summaries, records = {str(n): [] for n in counts}, {str(n): [] for n in counts}
+            for r in range(rounds):  # alternating order, so a slow spell of the machine hits every count
+                for n in counts if r % 2 == 0 else counts[::-1]:
+                    seed0 = 10_000_000 * r + 100_000 * (n_workload + 1) + 1000 * n
+                    recs, wall = run_round(
+                        client,
+                        name,
+                        n,
+                        requests,
+                        workload,
+                        image_size,
+                        max_tokens,
+                        seed0,
+                        lambda: engine.stats.update(zeroed),
+                    )
+                    summaries[str(n)].append(summarize_round(recs, wall, dict(engine.stats)))
+                    records[str(n)] += [dict(rec, round=r) for rec in recs]
+                    click.echo(f"{workload:9s} {n:2d} clients: {json.dumps(summaries[str(n)][-1])}", err=True)
+            curve = {n: median_of(rounds_of_n) for n, rounds_of_n in summaries.items()}
             results["workloads"][workload] = {"curve": curve, "goals": goals({int(k): v for k, v in curve.items()}),
                                               "requests": records}  # fmt: skip
         mx.clear_cache()

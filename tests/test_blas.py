@@ -1,6 +1,6 @@
 """The BLAS that MLX's matmuls go through on Linux: OpenBLAS behind the cblas shim when a C
 compiler is there, giving numpy's values for every gemm MLX calls (one output row: OpenBLAS's
-gemv; 2-7 rows times a weight matrix: the shim's threaded kernel); MKL when asked."""
+gemv; 2-8 rows times a weight matrix: the shim's threaded kernel); MKL when asked."""
 
 import os
 import shutil
@@ -17,7 +17,7 @@ print(fastvlm_mlx.BLAS)
 rng = np.random.default_rng(0)
 worst = 0.0
 for dtype in (np.float32, np.float64, np.complex64):
-    # 2-7 rows with n * k >= 65536 take the shim's own kernel: tails of k (not a multiple of 16) and n
+    # 2-8 rows with n * k >= 65536 take the shim's own kernel: tails of k (not a multiple of 16) and n
     shapes = [(1, 7, 5), (1, 900, 300), (37, 53, 29), (300, 96, 200), (2, 1000, 300), (3, 333, 257)]
     for m, k, n in shapes + [(5, 17, 4000), (7, 64, 1030), (4, 896, 4864), (8, 700, 100)]:
         a, b = rng.standard_normal((m, k)), rng.standard_normal((n, k))

@@ -31,7 +31,8 @@ _SHIM = """/* fastvlm-mlx: MLX's cblas_*gemm calls, forwarded to scipy-openblas3
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>
-#define FEW_ROWS 7
+#define FEW_ROWS 8
+#define AHEAD 512  /* floats of W's rows prefetched ahead of the tile */
 #define FEW_ROWS_MIN_WEIGHTS (1 << 16)
 #ifdef __cplusplus
 extern "C" {
@@ -46,7 +47,7 @@ FORWARD(void, const void*, cblas_cgemm)
 void scipy_cblas_sgemm(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*, int);
 void scipy_cblas_sgemv(int, int, int, int, float, const float*, int, const float*, int, float, float*, int);
 
-/* A few rows times a weight matrix (batched decoding: x @ W.T with 2-7 rows): OpenBLAS's gemm
+/* A few rows times a weight matrix (batched decoding: x @ W.T with 2-8 rows): OpenBLAS's gemm
    runs it at half the memory bandwidth, so each helper thread reads its share of W's rows once
    and takes the dot products with every row of x. */
 typedef float v16 __attribute__((vector_size(64)));
@@ -59,14 +60,17 @@ static inline float hsum(v16 v) {
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
-/* c[i][j] for i < mr, j < nr (at most 4 each): alpha * a_i . b_j + beta * c (c unread when beta is 0) */
+/* c[i][j] for i < mr, j < nr (at most 8 and 4; 24 accumulators at most are used: 4x4, or 8x3): alpha * a_i . b_j + beta * c (c unread when beta is 0) */
 static inline __attribute__((always_inline)) void tile(int mr, int nr, int k, float alpha, const float* a, int lda,
     const float* b, int ldb, float beta, float* c, int ldc) {
-  v16 acc[4][4] = {{{0}}};
+  v16 acc[8][4] = {{{0}}};
   int t = 0;
   for (; t + 16 <= k; t += 16) {
     v16 bv[4];
-    for (int j = 0; j < nr; ++j) bv[j] = load16(b + (long)j * ldb + t);
+    for (int j = 0; j < nr; ++j) {
+      bv[j] = load16(b + (long)j * ldb + t);
+      __builtin_prefetch(b + (long)j * ldb + t + AHEAD, 0, 0);
+    }
     for (int i = 0; i < mr; ++i) {
       v16 av = load16(a + (long)i * lda + t);
       for (int j = 0; j < nr; ++j) acc[i][j] += av * bv[j];
@@ -83,21 +87,21 @@ static inline __attribute__((always_inline)) void tile(int mr, int nr, int k, fl
 
 static struct { int m, n, k, lda, ldb, ldc, parts; float alpha, beta; const float *a, *b; float* c; } job;
 
+#define TILE(MR, NR) tile(MR, NR, job.k, job.alpha, a, job.lda, b, job.ldb, job.beta, c, job.ldc)
 static void columns(int part) {  /* the part-th share of the columns, in multiples of 16 */
   int share = ((job.n + job.parts - 1) / job.parts + 15) / 16 * 16, j0 = part * share;
   int j1 = j0 + share < job.n ? j0 + share : job.n;
-  for (int j = j0; j < j1; j += 4) {
-    int nr = j1 - j < 4 ? j1 - j : 4;
+  /* a tile: up to 4 rows of x with 4 of W, or 5-8 of x with 3 of W (at most 24 accumulators in registers) */
+  int wide = job.m <= 4 ? 4 : 3;
+  for (int j = j0; j < j1; j += wide) {
+    int nr = j1 - j < wide ? j1 - j : wide;
     const float* b = job.b + (long)j * job.ldb;
-    for (int i = 0; i < job.m; i += 4) {
-      const float* a = job.a + (long)i * job.lda;
-      float* c = job.c + (long)i * job.ldc + j;
-      int mr = job.m - i < 4 ? job.m - i : 4;
-      if (nr == 4 && mr == 4) tile(4, 4, job.k, job.alpha, a, job.lda, b, job.ldb, job.beta, c, job.ldc);
-      else if (nr == 4 && mr == 3) tile(3, 4, job.k, job.alpha, a, job.lda, b, job.ldb, job.beta, c, job.ldc);
-      else if (nr == 4 && mr == 2) tile(2, 4, job.k, job.alpha, a, job.lda, b, job.ldb, job.beta, c, job.ldc);
-      else if (nr == 4) tile(1, 4, job.k, job.alpha, a, job.lda, b, job.ldb, job.beta, c, job.ldc);
-      else tile(mr, nr, job.k, job.alpha, a, job.lda, b, job.ldb, job.beta, c, job.ldc);
+    const float* a = job.a;
+    float* c = job.c + j;
+    if (nr < wide) tile(job.m, nr, job.k, job.alpha, a, job.lda, b, job.ldb, job.beta, c, job.ldc);
+    else switch (job.m) {
+      case 8: TILE(8, 3); break; case 7: TILE(7, 3); break; case 6: TILE(6, 3); break; case 5: TILE(5, 3); break;
+      case 4: TILE(4, 4); break; case 3: TILE(3, 4); break; default: TILE(2, 4);
     }
   }
 }
@@ -254,7 +258,7 @@ _LOADERS = {"openblas": (_load_scipy_openblas, _load_system_openblas), "mkl": (_
 
 
 def use_few_rows_kernel(on: bool) -> bool:
-    """Turn the shim's 2-7-row kernel on (the default) or off (OpenBLAS's gemm instead), for A/B
+    """Turn the shim's 2-8-row kernel on (the default) or off (OpenBLAS's gemm instead), for A/B
     benchmarks; False when no shim is loaded."""
     if not _SHIM_IN_USE:
         return False
