@@ -212,6 +212,7 @@ def train(
     results: Path | None,
     easyvqa_every: int = EASYVQA_EVERY,
     teach_every: int = TEACH_EVERY,
+    text_layers: int = TEXT_ARGS["num_hidden_layers"],
 ) -> dict:
     torch.manual_seed(seed)
     rng, prune_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
@@ -224,7 +225,7 @@ def train(
     if easy.before != questions.before:
         raise ValueError("easy-VQA and mosaic prompts differ before the image")
     validation = mosaic.draw("train", VALIDATION_MOSAICS, seed + 2)
-    text_args = dict(TEXT_ARGS, vocab_size=len(tokenizer))
+    text_args = dict(TEXT_ARGS, vocab_size=len(tokenizer), num_hidden_layers=text_layers)
     model = build_reference(VISION_ARGS, text_args, tokenizer.convert_tokens_to_ids("<image>"), seed=seed).train()
     click.echo(f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(tokenizer)} tokens")
     teacher = CellTeacher(model, np.random.default_rng(seed + 3), steps, teach_every) if teach_every else None
@@ -243,7 +244,7 @@ def train(
     model.eval()
     save_source(model, tokenizer, out / "hf", IMAGE_SIZE)  # torch only until both models are saved
     record = dict(seed=seed, steps=steps, mosaics_per_batch=MOSAICS_PER_BATCH, lr=LR, easyvqa_every=easyvqa_every)
-    record["text_args"] = TEXT_ARGS
+    record["text_args"] = dict(TEXT_ARGS, num_hidden_layers=text_layers)
     if teacher is not None:
         record["teacher"] = dict(every=teach_every, lr=TEACHER_LR, batch=TEACHER_BATCH, test=teacher.test_accuracy())
     record["train_minutes"] = (time.perf_counter() - started) / 60
@@ -289,6 +290,7 @@ def score_models(models: dict[str, Path], record: dict, results: Path | None = N
 @click.option("--steps", default=8000, show_default=True, help="Steps of the VLM on all tokens.")
 @click.option("--easyvqa-every", default=EASYVQA_EVERY, show_default=True, help="Every Nth step easy-VQA (0: never).")
 @click.option("--teach-every", default=TEACH_EVERY, show_default=True, help="A cell-teacher step every N (0: none).")
+@click.option("--text-layers", default=TEXT_ARGS["num_hidden_layers"], show_default=True, help="Qwen2 layers.")
 @click.option("--tune-steps", default=500, show_default=True, help="Pruning-aware steps (with --tuned-out).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--results", type=click.Path(path_type=Path), default=None, help="Write the accuracies as JSON here.")
@@ -299,6 +301,7 @@ def main(
     steps: int,
     easyvqa_every: int,
     teach_every: int,
+    text_layers: int,
     tune_steps: int,
     seed: int,
     results: Path | None,
@@ -308,7 +311,7 @@ def main(
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # denormal floats would slow the CPU kernels as weights shrink
     click.echo(f"started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    train(out, tuned_out, steps, tune_steps, seed, results, easyvqa_every, teach_every)
+    train(out, tuned_out, steps, tune_steps, seed, results, easyvqa_every, teach_every, text_layers)
     click.echo(f"ended {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
 
 
