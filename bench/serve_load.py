@@ -28,6 +28,8 @@ import base64
 import io
 import json
 import math
+import multiprocessing
+import queue
 import socket
 import statistics
 import threading
@@ -114,34 +116,86 @@ def one_request(client, model_id: str, url: str, question: str, max_tokens: int)
 
 
 def run_round(
-    client, model_id: str, clients: int, requests: int, workload: str, size: int, max_tokens: int, seed0: int,
+    base_url: str, model_id: str, clients: int, requests: int, workload: str, size: int, max_tokens: int, seed0: int,
     on_start: Callable[[], None] = lambda: None,
 ):  # fmt: skip
     """`clients` threads, each sending `requests` requests in turn; the round's records and wall time.
-    `on_start` is called just before the timed part."""
-    own = [image_url(seed0 + c, size) for c in range(clients)]
-    if workload == "cached-image":  # each client's image seen once, untimed
-        threads = [threading.Thread(target=one_request, args=(client, model_id, u, QUESTIONS[0], 1)) for u in own]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    records: list[dict] = []
+    The clients run in a child process of their own, as real clients would: in the server's process their
+    Python work (encoding images, parsing every streamed chunk) took the GIL from the engine, and a decode
+    step of 8 answers cost ~220 ms served against ~160 ms in the engine alone. `on_start` is called (here)
+    just before the timed part, once the untimed warm-up is done."""
+    context = multiprocessing.get_context("spawn")
+    warmed, go, out = context.Event(), context.Event(), context.Queue()
+    settings = (base_url, model_id, clients, requests, workload, size, max_tokens, seed0)
+    child = context.Process(target=client_process, args=(*settings, warmed, go, out), daemon=True)
+    child.start()
+    try:
+        while not warmed.wait(1):
+            if not child.is_alive():
+                raise click.ClickException(f"the clients' process ended early (exit code {child.exitcode})")
+        on_start()
+        go.set()
+        while True:
+            try:
+                failed, result = out.get(timeout=1)
+                break
+            except queue.Empty:
+                if not child.is_alive():
+                    raise click.ClickException(
+                        f"the clients' process ended early (exit code {child.exitcode})"
+                    ) from None
+        if failed:
+            raise click.ClickException(f"a client failed: {result}")
+        return result
+    finally:
+        child.join(30)
 
-    def client_loop(c: int) -> None:
-        for r in range(requests):
-            url = own[c] if workload == "cached-image" else image_url(seed0 + 1000 * (r + 1) + c, size)
-            question = QUESTIONS[(c + r + (workload == "cached-image")) % len(QUESTIONS)]
-            records.append({"client": c, "turn": r, **one_request(client, model_id, url, question, max_tokens)})
 
-    on_start()
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+def client_process(base_url, model_id, clients, requests, workload, size, max_tokens, seed0, warmed, go, out) -> None:
+    """The child process of `run_round`: its own openai client, the warm-up, then the timed round, whose
+    records and wall time go to `out` (or the error that stopped it)."""
+    import openai
+
+    try:
+        client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=3600)
+        own = [image_url(seed0 + c, size) for c in range(clients)]
+        if workload == "cached-image":  # each client's image seen once, untimed
+            in_parallel(clients, lambda c: one_request(client, model_id, own[c], QUESTIONS[0], 1))
+        records: list[dict] = []
+
+        def client_loop(c: int) -> None:
+            for r in range(requests):
+                url = own[c] if workload == "cached-image" else image_url(seed0 + 1000 * (r + 1) + c, size)
+                question = QUESTIONS[(c + r + (workload == "cached-image")) % len(QUESTIONS)]
+                records.append({"client": c, "turn": r, **one_request(client, model_id, url, question, max_tokens)})
+
+        warmed.set()
+        go.wait()
+        start = time.perf_counter()
+        in_parallel(clients, client_loop)
+        out.put((False, (records, time.perf_counter() - start)))
+    except Exception as error:  # reported by the parent, which waits for this
+        out.put((True, f"{type(error).__name__}: {error}"))
+
+
+def in_parallel(count: int, work: Callable[[int], object]) -> None:
+    """`work(0)` ... `work(count - 1)` in threads of their own, all started, then all joined; the first
+    error raised in one of them is raised here."""
+    errors: list[BaseException] = []
+
+    def run(n: int) -> None:
+        try:
+            work(n)
+        except BaseException as error:  # noqa: BLE001 (handed to the caller)
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return records, time.perf_counter() - start
+    if errors:
+        raise errors[0]
 
 
 def summarize_round(records: list[dict], wall_s: float, stats: dict) -> dict:
@@ -253,7 +307,7 @@ def plot(results: dict, path: Path) -> Path:
 @click.option("--out", "out_dir", default="docs/results", show_default=True, type=click.Path())
 def main(size, model_dir, clients, requests, max_tokens, image_size, workloads, max_batch, rounds, models_dir, out_dir):
     """Throughput and TTFT of the server at rising numbers of concurrent clients."""
-    import openai
+    import openai  # noqa: F401  (the clients' process needs it: missing, fail here, first)
 
     from bench.chat import word_tokenizer, write_new
     from bench.sweep import environment
@@ -289,9 +343,8 @@ def main(size, model_dir, clients, requests, max_tokens, image_size, workloads, 
         "workloads": {},
     }
     with Server(app) as server:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", max_retries=0,
-                               timeout=3600)  # fmt: skip
-        run_round(client, name, 1, 1, "fresh-image", image_size, max_tokens, 999_000)  # warm-up, untimed
+        base_url = f"http://127.0.0.1:{server.port}/v1"
+        run_round(base_url, name, 1, 1, "fresh-image", image_size, max_tokens, 999_000)  # warm-up, untimed
         memory_before = mx.get_active_memory()
         zeroed = dict(longest_decode_gap_s=0.0, decode_steps=0, decode_s=0.0, prefill_s=0.0)  # per round
         for n_workload, workload in enumerate(kinds):
@@ -300,7 +353,7 @@ def main(size, model_dir, clients, requests, max_tokens, image_size, workloads, 
                 for n in counts if r % 2 == 0 else counts[::-1]:
                     seed0 = 10_000_000 * r + 100_000 * (n_workload + 1) + 1000 * n
                     recs, wall = run_round(
-                        client,
+                        base_url,
                         name,
                         n,
                         requests,
