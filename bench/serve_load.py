@@ -52,8 +52,9 @@ QUESTIONS = (
 )
 
 
-def image_url(seed: int, size: int) -> str:
-    picture = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
+def image_url(seed: tuple[int, ...], size: int) -> str:
+    """A random PNG as a data URL; distinct seeds (tuples, so none collide) give distinct images."""
+    picture = Image.fromarray(np.random.default_rng(list(seed)).integers(0, 255, (size, size, 3), dtype=np.uint8))
     buffer = io.BytesIO()
     picture.save(buffer, "PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -158,14 +159,14 @@ def client_process(base_url, model_id, clients, requests, workload, size, max_to
 
     try:
         client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=3600)
-        own = [image_url(seed0 + c, size) for c in range(clients)]
+        own = [image_url((seed0, c), size) for c in range(clients)]
         if workload == "cached-image":  # each client's image seen once, untimed
             in_parallel(clients, lambda c: one_request(client, model_id, own[c], QUESTIONS[0], 1))
         records: list[dict] = []
 
         def client_loop(c: int) -> None:
             for r in range(requests):
-                url = own[c] if workload == "cached-image" else image_url(seed0 + 1000 * (r + 1) + c, size)
+                url = own[c] if workload == "cached-image" else image_url((seed0, c, r + 1), size)
                 question = QUESTIONS[(c + r + (workload == "cached-image")) % len(QUESTIONS)]
                 records.append({"client": c, "turn": r, **one_request(client, model_id, url, question, max_tokens)})
 

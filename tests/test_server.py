@@ -318,7 +318,7 @@ def test_the_load_bench_runs_and_writes_json_and_png(tmp_path, shipped_mlx):
 
     from bench import serve_load
 
-    args = ["--model", str(shipped_mlx), "--clients", "1,8", "--requests", "2", "--max-tokens", "3", "--rounds", "2"]
+    args = ["--model", str(shipped_mlx), "--clients", "1,2,8", "--requests", "2", "--max-tokens", "3", "--rounds", "2"]
     result = CliRunner().invoke(serve_load.main, [*args, "--image-size", "64", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "serve-load-mlx.json").read_text())
@@ -330,6 +330,8 @@ def test_the_load_bench_runs_and_writes_json_and_png(tmp_path, shipped_mlx):
         assert [r["completion_tokens"] for r in curve["8"]["rounds"]] == [8 * 2 * 3] * 2  # medians of two rounds
         assert {r["round"] for r in results["workloads"][workload]["requests"]["8"]} == {0, 1}
         assert {"speedup_8_over_1", "ttft_goal_met"} <= set(results["workloads"][workload]["goals"])
+    fresh = [r for n in ("1", "2", "8") for r in results["workloads"]["fresh-image"]["requests"][n]]
+    assert all(r["server"]["vision_s"] > 0 for r in fresh)  # every image new: none met earlier in any round
     assert (tmp_path / "serve-load-mlx.png").stat().st_size > 0
 
 
