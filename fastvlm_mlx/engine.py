@@ -339,7 +339,7 @@ class Engine:
         threading.Event().wait()
 
     def _step(self) -> None:
-        """One turn of the loop: timeouts, admissions, one prefill step, one decode step."""
+        """One turn of the loop: timeouts, admissions, the prefill side (`_prefill_turn`), one decode step."""
         self._expire()
         self._admit()
         began = time.perf_counter()
@@ -495,14 +495,10 @@ class Engine:
             if len(slots) > 1:
                 for c in cache:
                     c.finalize()  # the padding rolled to the left, where the merge's is
-            tokens, caches = (
-                [],
-                [cache] if len(slots) == 1 else [[c.extract(i) for c in cache] for i in range(len(slots))],
-            )
-            for i, slot in enumerate(slots):
-                job = slot.job
-                slot.sampler = seeded_sampler(job.temperature, job.top_p, job.seed)
-                tokens.append(slot.sampler(logprobs[i : i + 1]))
+            caches = [cache] if len(slots) == 1 else [[c.extract(i) for c in cache] for i in range(len(slots))]
+            for slot in slots:
+                slot.sampler = seeded_sampler(slot.job.temperature, slot.job.top_p, slot.job.seed)
+            tokens = [slot.sampler(logprobs[i : i + 1]) for i, slot in enumerate(slots)]
             mx.eval(tokens, [[c.state for c in own] for own in caches])
         for slot, token, own in zip(slots, tokens, caches, strict=True):
             self._guarded(self._hand_over, slot, int(token.item()), own)

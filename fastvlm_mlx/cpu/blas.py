@@ -60,7 +60,8 @@ static inline float hsum(v16 v) {
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
-/* c[i][j] for i < mr, j < nr (at most 8 and 4; 24 accumulators at most are used: 4x4, or 8x3): alpha * a_i . b_j + beta * c (c unread when beta is 0) */
+/* c[i][j] for i < mr, j < nr (at most 8 and 4; at most 24 accumulators are used: 4x4, or 8x3):
+   alpha * a_i . b_j + beta * c (c unread when beta is 0) */
 static inline __attribute__((always_inline)) void tile(int mr, int nr, int k, float alpha, const float* a, int lda,
     const float* b, int ldb, float beta, float* c, int ldc) {
   v16 acc[8][4] = {{{0}}};
