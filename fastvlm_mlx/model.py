@@ -75,7 +75,9 @@ def rotate(rope, x: mx.array, cache) -> mx.array:
     if cache is None:
         return rope(x)
     positions = getattr(cache, "positions", None)
-    offset = cache.offset if positions is None else positions.at(cache.offset, x.shape[2])
+    if positions is None:  # an int, or a batch cache's (B,) offsets
+        return rope(x, offset=cache.offset)
+    offset = positions.at(cache.offset, x.shape[2])
     if isinstance(offset, int):
         return rope(x, offset=offset)
     B, H, L, D = x.shape  # each position a batch row of its own: RoPE takes one offset per row

@@ -35,16 +35,25 @@ def test_silu_mul_matches_silu_times_x_over_the_real_line():
 
 
 @pytest.mark.parametrize("heads, kv_heads, L, S", [(3, 3, 70, 70), (6, 2, 9, 9), (6, 2, 4, 11), (4, 1, 1, 13)])
-@pytest.mark.parametrize("mask", [None, "causal", "bool", "additive"])
+@pytest.mark.parametrize("mask", [None, "causal", "bool", "additive", "bool (B, 1)", "additive (B, 1)", "bool (B, H)"])
 def test_attention_matches_fused_attention(heads, kv_heads, L, S, mask):
+    """(L, S) masks, and those a batch's rows differ by (a batch cache's left padding): (B, 1, L, S), (B, H, L, S)."""
     q = mx.random.normal((2, heads, L, 16), key=mx.random.key(0)) * 2
     k, v = (mx.random.normal((2, kv_heads, S, 16), key=mx.random.key(i)) * 2 for i in (1, 2))
-    if mask in ("bool", "additive"):
-        attends = mx.random.uniform(shape=(L, S), key=mx.random.key(3)) > 0.3
-        attends = attends | (mx.arange(S)[None] == 0)  # every query attends somewhere
-        mask = attends if mask == "bool" else mx.where(attends, 0.0, -1e9)
+    if mask not in (None, "causal"):
+        shape = {"(B, 1)": (2, 1, L, S), "(B, H)": (2, heads, L, S)}.get(mask.partition(" ")[2], (L, S))
+        attends = mx.random.uniform(shape=shape, key=mx.random.key(3)) > 0.3
+        attends = attends | (mx.arange(S) == 0)  # every query attends somewhere
+        mask = attends if mask.startswith("bool") else mx.where(attends, 0.0, -1e9)
     expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
     assert mx.abs(fastmath.attention(q, k, v, 0.25, mask) - expected).max().item() < 1e-5
+
+
+def test_attention_refuses_a_mask_it_cannot_place():
+    q, k = mx.zeros((2, 6, 3, 8)), mx.zeros((2, 2, 5, 8))
+    for shape in [(2, 2, 3, 5), (2, 3, 5)]:  # 2 heads of 6 and 2; 3-D
+        with pytest.raises(ValueError, match="masks"):
+            fastmath.attention(q, k, k, 0.5, mx.ones(shape, dtype=mx.bool_))
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
@@ -104,3 +113,49 @@ def test_qwen2_prefill_is_routed_through_our_attention_with_the_same_logits(monk
     assert qwen2.scaled_dot_product_attention is base.scaled_dot_product_attention
     assert qwen2.swiglu is activations.swiglu
     assert {type(m) for _, m in other.named_modules()} & set(modules.SWAPS.values()) == set()
+
+
+def test_a_batched_prefill_over_merged_caches_runs_our_attention_with_the_same_logits(monkeypatch):
+    """The server's batched prefill: prompts of different lengths in their own caches, merged into one
+    left-padded BatchKVCache, their next chunks right-padded (mlx-lm's 4-D masks, one offset per row):
+    the same logits at every real position as mlx-lm's own attention, and ours really ran."""
+    if mx.default_device() != mx.cpu:
+        pytest.skip("routed on the CPU only")
+    from mlx_lm.models.cache import BatchKVCache
+
+    args = qwen2.ModelArgs(
+        model_type="qwen2",
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=96,
+        num_attention_heads=4,
+        rms_norm_eps=1e-6,
+        vocab_size=50,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    mx.random.seed(1)
+    model = qwen2.Model(args)
+    prompts, chunks = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5, 8, 9, 7]], [[2, 6, 4], [3], [3, 8]]
+    width = max(map(len, chunks))
+
+    def run():
+        caches = []
+        for prompt in prompts:
+            cache = make_prompt_cache(model)
+            model(mx.array([prompt]), cache=cache)
+            caches.append(cache)
+        merged = [BatchKVCache.merge(list(layer)) for layer in zip(*caches, strict=True)]
+        for c in merged:
+            c.prepare(right_padding=[width - len(chunk) for chunk in chunks])
+        return model(mx.array([chunk + [0] * (width - len(chunk)) for chunk in chunks]), cache=merged)
+
+    expected = run()
+    calls = []
+    ours = modules.attention
+    monkeypatch.setattr(modules, "attention", lambda *a: calls.append(getattr(a[4], "shape", a[4])) or ours(*a))
+    modules.swap_modules(model)
+    got = run()
+    assert calls == ["causal"] * 6 + [(3, 1, width, 7 + width)] * 2  # the prompts alone, then the batch
+    for row, chunk in enumerate(chunks):
+        assert mx.abs(got[row, : len(chunk)] - expected[row, : len(chunk)]).max().item() < 1e-4

@@ -100,24 +100,28 @@ def _row_max(scores: mx.array) -> mx.array:
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None = None) -> mx.array:
     """Softmax attention over q (B, H, L, d), k and v (B, Hk, S, d) with H a multiple of Hk.
 
-    mask: None, "causal" (the L queries are the last L of the S positions), or a boolean
-    (True attends) or additive array of shape (L, S). Scores and softmax are float32;
-    max-shifted scores go through `exp_nonpositive`, and the normalization comes after @ v,
-    with the row sums from that GEMM (MLX's CPU row sum is a scalar loop).
+    mask: None, "causal" (the L queries are the last L of the S positions), or a boolean (True
+    attends) or additive array of shape (L, S), or a batch's (B, 1, L, S) or (B, H, L, S), as
+    `mx.fast.scaled_dot_product_attention` takes. The query heads that share a key head are
+    stacked into one GEMM's rows (no broadcast copies of k and v). Scores and softmax are
+    float32; max-shifted scores go through `exp_nonpositive`, and the normalization comes after
+    @ v, with the row sums from that GEMM (MLX's CPU row sum is a scalar loop).
     """
     B, H, L, d = q.shape
-    groups = H // k.shape[1]
-    if groups > 1:  # grouped-query attention: query head h reads key head h // groups
-        q, k, v = q.reshape(B, -1, groups, L, d), k[:, :, None], v[:, :, None]
-    scores = ((q * scale) @ k.swapaxes(-1, -2)).astype(mx.float32)
+    Hk, S = k.shape[1], k.shape[2]
+    groups = H // Hk  # grouped-query attention: query head h reads key head h // groups
+    scores = ((q * scale).reshape(B, Hk, groups * L, d) @ k.swapaxes(-1, -2)).astype(mx.float32)
     if isinstance(mask, str):
-        S = scores.shape[-1]
         mask = mx.arange(S)[None] <= mx.arange(S - L, S)[:, None]
     if mask is not None:
-        if mask.ndim > 2:
-            raise ValueError(f"attention takes (L, S) masks, not {mask.shape}")
+        if mask.ndim == 4 and mask.shape[1] in (1, H):  # as the scores' heads are grouped
+            mask = mask.reshape(mask.shape[0], -1, 1 if mask.shape[1] == 1 else groups, L, S)
+        elif mask.ndim != 2:
+            raise ValueError(f"attention takes (L, S), (B, 1, L, S) or (B, H, L, S) masks, not {mask.shape}")
         lowest = mx.finfo(mx.float32).min  # a fully masked row stays finite, as in mx.fast
-        scores = mx.where(mask, scores, lowest) if mask.dtype == mx.bool_ else scores + mask.astype(mx.float32)
+        grouped = scores.reshape(B, Hk, groups, L, S)
+        grouped = mx.where(mask, grouped, lowest) if mask.dtype == mx.bool_ else grouped + mask.astype(mx.float32)
+        scores = grouped.reshape(B, Hk, groups * L, S)
     weights = _shifted_exp(scores, _row_max(scores))
     # the row sums come out of the same GEMM as weights @ v, as a column of ones in v
     v = v.astype(mx.float32)

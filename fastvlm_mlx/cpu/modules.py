@@ -90,15 +90,15 @@ class Projector(model.Projector):
 
 class Qwen2Attention(model.Attention):
     """Prefill through `fastmath.attention` (MLX's CPU exp is a scalar loop: ~0.2 s of a 0.5B
-    model's 286-token prefill). Decode steps (which would recompile the exp for every new
-    length), quantized KV caches and batched (4-D) masks keep the model's own path. RoPE goes
-    through `model.rotate`, so the positions a cache carries hold here too."""
+    model's 286-token prefill; a batch's prefill of 8 x 15 positions over 300-position caches, as
+    the server's, 0.49 -> 0.13 s in attention). Decode steps (which would recompile the exp for
+    every new length, for no gain at one query a row) and quantized KV caches keep the model's
+    own path. RoPE goes through `model.rotate`, so the positions a cache carries hold here too."""
 
     @cpu_only
     def __call__(self, x, mask=None, cache=None):
         B, L, _ = x.shape
-        plain_mask = mask is None or isinstance(mask, str) or mask.ndim <= 2
-        if L == 1 or hasattr(cache, "bits") or not plain_mask:
+        if L == 1 or hasattr(cache, "bits"):
             return super().__call__(x, mask, cache)
         queries = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         keys = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
