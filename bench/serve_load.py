@@ -2,9 +2,10 @@
 
     python -m bench.serve_load --synthetic 0.5b [--clients 1,2,4,8,16] [--rounds 2]  (or --model DIR)
 
-The real server (`fastvlm_mlx.server.create_app`) runs in this process on a free loopback port.
-Each client is a thread that sends `--requests` streamed requests one after another (a closed
-loop) and times the whole answer; TTFT is the server's (request received -> first token, in the
+The real server (`fastvlm_mlx.server.create_app`) runs in this process on a free loopback port, the
+clients in a child process of their own (so their Python work does not take the engine's GIL). Each
+client is a thread there that sends `--requests` streamed requests one after another (a closed loop)
+and times the whole answer; TTFT is the server's (request received -> first token, in the
 response's `fastvlm` timings), since a token of random weights may have no text to stream. Answers run to
 `--max-tokens`: the end-of-sequence id is ignored, since random weights would end answers at
 random lengths. Two workloads:
@@ -130,10 +131,14 @@ def run_round(
     settings = (base_url, model_id, clients, requests, workload, size, max_tokens, seed0)
     child = context.Process(target=client_process, args=(*settings, warmed, go, out), daemon=True)
     child.start()
+
+    def still_running() -> None:
+        if not child.is_alive():
+            raise click.ClickException(f"the clients' process ended early (exit code {child.exitcode})")
+
     try:
         while not warmed.wait(1):
-            if not child.is_alive():
-                raise click.ClickException(f"the clients' process ended early (exit code {child.exitcode})")
+            still_running()
         on_start()
         go.set()
         while True:
@@ -141,10 +146,7 @@ def run_round(
                 failed, result = out.get(timeout=1)
                 break
             except queue.Empty:
-                if not child.is_alive():
-                    raise click.ClickException(
-                        f"the clients' process ended early (exit code {child.exitcode})"
-                    ) from None
+                still_running()
         if failed:
             raise click.ClickException(f"a client failed: {result}")
         return result
