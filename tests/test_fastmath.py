@@ -73,6 +73,19 @@ def test_half_precision_stays_finite_and_close(dtype):
     assert error(got) <= 1.2 * error(theirs) + 1e-3  # no worse than MLX's own in that precision
 
 
+TINY_QWEN2 = qwen2.ModelArgs(
+    model_type="qwen2",
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=96,
+    num_attention_heads=4,
+    rms_norm_eps=1e-6,
+    vocab_size=50,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+)
+
+
 def test_qwen2_prefill_is_routed_through_our_attention_with_the_same_logits(monkeypatch):
     """A prefill in two chunks (the second one's causal mask is offset by the cache), then decode
     steps: the same logits as mlx-lm's own attention and SwiGLU, and the prefill really ran our
@@ -80,19 +93,8 @@ def test_qwen2_prefill_is_routed_through_our_attention_with_the_same_logits(monk
     mlx-lm's module globals and another Qwen2 in the process keep mlx-lm's classes."""
     if mx.default_device() != mx.cpu:
         pytest.skip("routed on the CPU only")
-    args = qwen2.ModelArgs(
-        model_type="qwen2",
-        hidden_size=64,
-        num_hidden_layers=2,
-        intermediate_size=96,
-        num_attention_heads=4,
-        rms_norm_eps=1e-6,
-        vocab_size=50,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
     mx.random.seed(0)
-    model, other = qwen2.Model(args), qwen2.Model(args)
+    model, other = qwen2.Model(TINY_QWEN2), qwen2.Model(TINY_QWEN2)
     ids = mx.array([[1, 5, 9, 2, 7, 7, 3, 11, 4]])
 
     def run():
@@ -123,19 +125,8 @@ def test_a_batched_prefill_over_merged_caches_runs_our_attention_with_the_same_l
         pytest.skip("routed on the CPU only")
     from mlx_lm.models.cache import BatchKVCache
 
-    args = qwen2.ModelArgs(
-        model_type="qwen2",
-        hidden_size=64,
-        num_hidden_layers=2,
-        intermediate_size=96,
-        num_attention_heads=4,
-        rms_norm_eps=1e-6,
-        vocab_size=50,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
     mx.random.seed(1)
-    model = qwen2.Model(args)
+    model = qwen2.Model(TINY_QWEN2)
     prompts, chunks = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5, 8, 9, 7]], [[2, 6, 4], [3], [3, 8]]
     width = max(map(len, chunks))
 
