@@ -34,14 +34,20 @@ def test_silu_mul_matches_silu_times_x_over_the_real_line():
     assert half.dtype == mx.bfloat16 and mx.isfinite(half).all().item()
 
 
+MASKS = ["bool", "additive", "bool (B, 1, L, S)", "additive (B, 1, L, S)", "bool (B, H, L, S)", "additive (B, H, L, S)"]
+MASKS += ["bool (1, 1, L, S)", "bool (B, 1, 1, S)", "bool (H, L, S)"]
+
+
 @pytest.mark.parametrize("heads, kv_heads, L, S", [(3, 3, 70, 70), (6, 2, 9, 9), (6, 2, 4, 11), (4, 1, 1, 13)])
-@pytest.mark.parametrize("mask", [None, "causal", "bool", "additive", "bool (B, 1)", "additive (B, 1)", "bool (B, H)"])
+@pytest.mark.parametrize("mask", [None, "causal", *MASKS])
 def test_attention_matches_fused_attention(heads, kv_heads, L, S, mask):
-    """(L, S) masks, and those a batch's rows differ by (a batch cache's left padding): (B, 1, L, S), (B, H, L, S)."""
+    """(L, S) masks, those a batch's rows differ by (a batch cache's left padding: (B, 1, L, S),
+    (B, H, L, S)), and the broadcasting ones mx.fast takes too."""
     q = mx.random.normal((2, heads, L, 16), key=mx.random.key(0)) * 2
     k, v = (mx.random.normal((2, kv_heads, S, 16), key=mx.random.key(i)) * 2 for i in (1, 2))
     if mask not in (None, "causal"):
-        shape = {"(B, 1)": (2, 1, L, S), "(B, H)": (2, heads, L, S)}.get(mask.partition(" ")[2], (L, S))
+        named = mask.partition(" ")[2] or "(L, S)"
+        shape = tuple({"B": 2, "H": heads, "L": L, "S": S}.get(n, 1) for n in named.strip("()").split(", "))
         attends = mx.random.uniform(shape=shape, key=mx.random.key(3)) > 0.3
         attends = attends | (mx.arange(S) == 0)  # every query attends somewhere
         mask = attends if mask.startswith("bool") else mx.where(attends, 0.0, -1e9)
@@ -50,10 +56,17 @@ def test_attention_matches_fused_attention(heads, kv_heads, L, S, mask):
 
 
 def test_attention_refuses_a_mask_it_cannot_place():
+    """Masks of the wrong head count or sizes: refused, as mx.fast refuses them (a batch mask of 6
+    query rows for 2 heads x 3 once passed: the reshape spread its rows over the key heads)."""
     q, k = mx.zeros((2, 6, 3, 8)), mx.zeros((2, 2, 5, 8))
-    for shape in [(2, 2, 3, 5), (2, 3, 5)]:  # 2 heads of 6 and 2; 3-D
+    for shape in [(2, 2, 3, 5), (2, 3, 5), (1, 2, 2, 3, 5)]:  # 2 heads of 6; 2 heads, 3-D; 5-D
         with pytest.raises(ValueError, match="masks"):
             fastmath.attention(q, k, k, 0.5, mx.ones(shape, dtype=mx.bool_))
+    for shape in [(2, 1, 6, 5), (2, 1, 3, 4), (4, 5)]:
+        with pytest.raises(ValueError):
+            mx.fast.scaled_dot_product_attention(q, k, k, scale=0.5, mask=mx.ones(shape, dtype=mx.bool_))
+        with pytest.raises(ValueError):
+            mx.eval(fastmath.attention(q, k, k, 0.5, mx.ones(shape, dtype=mx.bool_)))
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])

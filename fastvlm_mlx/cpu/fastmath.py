@@ -101,11 +101,12 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     """Softmax attention over q (B, H, L, d), k and v (B, Hk, S, d) with H a multiple of Hk.
 
     mask: None, "causal" (the L queries are the last L of the S positions), or a boolean (True
-    attends) or additive array of shape (L, S), or a batch's (B, 1, L, S) or (B, H, L, S), as
-    `mx.fast.scaled_dot_product_attention` takes. The query heads that share a key head are
-    stacked into one GEMM's rows (no broadcast copies of k and v). Scores and softmax are
-    float32; max-shifted scores go through `exp_nonpositive`, and the normalization comes after
-    @ v, with the row sums from that GEMM (MLX's CPU row sum is a scalar loop).
+    attends) or additive array that broadcasts to (B, H, L, S) with its head axis 1 or H: (L, S), or a
+    batch's (B, 1, L, S) or (B, H, L, S), as mlx-lm's caches make them; other sizes are refused.
+    The query heads that share a key head are stacked into one GEMM's rows (no broadcast copies
+    of k and v). Scores and softmax are float32; max-shifted scores go through `exp_nonpositive`,
+    and the normalization comes after @ v, with the row sums from that GEMM (MLX's CPU row sum is
+    a scalar loop).
     """
     B, H, L, d = q.shape
     Hk, S = k.shape[1], k.shape[2]
@@ -114,10 +115,12 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     if isinstance(mask, str):
         mask = mx.arange(S)[None] <= mx.arange(S - L, S)[:, None]
     if mask is not None:
-        if mask.ndim == 4 and mask.shape[1] in (1, H):  # as the scores' heads are grouped
-            mask = mask.reshape(mask.shape[0], -1, 1 if mask.shape[1] == 1 else groups, L, S)
-        elif mask.ndim != 2:
-            raise ValueError(f"attention takes (L, S), (B, 1, L, S) or (B, H, L, S) masks, not {mask.shape}")
+        if mask.ndim > 2:  # (B or 1, H or 1, L or 1, S), to the scores' grouped heads (B, Hk, groups, L, S)
+            mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+            if mask.ndim != 4 or mask.shape[1] not in (1, H):
+                raise ValueError(f"attention takes (L, S) masks or a batch's (B, 1 or H, L, S), not {mask.shape}")
+            per_head = mask.shape[1] == H
+            mask = mask.reshape(mask.shape[0], Hk if per_head else 1, groups if per_head else 1, *mask.shape[2:])
         lowest = mx.finfo(mx.float32).min  # a fully masked row stays finite, as in mx.fast
         grouped = scores.reshape(B, Hk, groups, L, S)
         grouped = mx.where(mask, grouped, lowest) if mask.dtype == mx.bool_ else grouped + mask.astype(mx.float32)
