@@ -243,7 +243,41 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
 
-def goals(curve: dict) -> dict:
+def burst_prefill(model, tokenizer, counts: list[int], size: int, repeats: int = 3) -> dict[str, float]:
+    """The least a burst of follow-ups costs here, by its size: one question each about a picture the
+    engine has seen, all in one turn of an engine of their own (`Engine.drain`, so one batched prefill:
+    the vision-cache lookups and the prompts' last positions), with no HTTP, no decoding and nothing
+    else running. The median of `repeats` seconds. The cached-image workload's bursts of that many
+    requests cannot get their first tokens sooner."""
+    from fastvlm_mlx.engine import Engine
+    from fastvlm_mlx.images import read_image
+
+    least = {}
+    for count in counts:
+        engine = Engine(model, tokenizer, max_batch=count)
+        pictures = [read_image(image_url((7, c), size)) for c in range(count)]
+        for picture in pictures:  # the vision stages and the prompts' prefixes into its caches
+            one_turn(engine, [picture], QUESTIONS[0])
+        least[str(count)] = statistics.median(one_turn(engine, pictures, QUESTIONS[1 + r % 2]) for r in range(repeats))
+    return least
+
+
+def one_turn(engine, pictures: list, question: str) -> float:
+    """Seconds of `engine`'s prefill side for one question about each picture, submitted together."""
+    from fastvlm_mlx.engine import Finished
+
+    asked = [{"role": "user", "content": question}]
+    handles = [engine.submit(engine.prepare(p, asked, max_tokens=1)) for p in pictures]
+    before, batches = engine.stats["prefill_s"], engine.stats["prefill_batches"]
+    engine.drain()
+    if not all(isinstance(list(h)[-1], Finished) for h in handles):
+        raise click.ClickException(f"a burst of {len(pictures)} requests failed")
+    if len(pictures) > 1 and engine.stats["prefill_batches"] != batches + 1:
+        raise click.ClickException(f"a burst of {len(pictures)} was not prefilled as one batch")
+    return engine.stats["prefill_s"] - before
+
+
+def goals(curve: dict, least: dict[str, float] | None = None) -> dict:
     """The issue's goals at 8 clients against 1: throughput, and TTFT (steady p95 within 2x one prefill)."""
     one, eight = curve.get(1), curve.get(8)
     if one is None or eight is None:
@@ -259,7 +293,13 @@ def goals(curve: dict) -> dict:
         "steady_ttft_p95_8_over_1": steady,
         "ttft_goal": GOAL_TTFT,
         "ttft_goal_met": steady <= GOAL_TTFT,
-    }
+    } | ({} if not least or "8" not in least else {
+        # A burst of 8 follow-ups, prefilled as one batch with nothing else running: no scheduling gets
+        # its first tokens sooner, so the goal is out of reach where this exceeds it.
+        "burst_prefill_8_s": least["8"],
+        "ttft_floor_8_over_1": least["8"] / one["ttft_p50_s"],
+        "ttft_goal_reachable_in_a_burst": least["8"] / one["ttft_p50_s"] <= GOAL_TTFT,
+    })  # fmt: skip
 
 
 def plot(results: dict, path: Path) -> Path:
@@ -370,8 +410,11 @@ def main(size, model_dir, clients, requests, max_tokens, image_size, workloads, 
                     records[str(n)] += [dict(rec, round=r) for rec in recs]
                     click.echo(f"{workload:9s} {n:2d} clients: {json.dumps(summaries[str(n)][-1])}", err=True)
             curve = {n: median_of(rounds_of_n) for n, rounds_of_n in summaries.items()}
-            results["workloads"][workload] = {"curve": curve, "goals": goals({int(k): v for k, v in curve.items()}),
-                                              "requests": records}  # fmt: skip
+            least = burst_prefill(model, tokenizer, [1, 8], image_size) if workload == "cached-image" else None
+            met = goals({int(k): v for k, v in curve.items()}, least)
+            results["workloads"][workload] = {"curve": curve, "goals": met, "requests": records}
+            if least:
+                results["workloads"][workload]["burst_prefill_s"] = least
         mx.clear_cache()
         results["memory"] = {"mlx_active_bytes_before": memory_before, "mlx_active_bytes_after": mx.get_active_memory()}
     out = Path(out_dir)

@@ -223,6 +223,7 @@ class Engine:
         self._decoding: dict[int, _Slot] = {}
         self._solo: list[_Slot] = []  # jobs that keep pruned tokens' positions, answered first come first
         self._thread: threading.Thread | None = None
+        self._generator: BatchGenerator | None = None  # the worker's (or drain's)
         self._stopped = threading.Event()
         self.stats = {"requests": 0, "prefilled_positions": 0, "reused_positions": 0, "decode_steps": 0}
         self.stats |= {"prefill_batches": 0, "largest_prefill_batch": 0}  # last chunks prefilled together
@@ -317,6 +318,16 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def drain(self) -> None:
+        """Run the worker's loop on this thread until every job submitted so far is done, for an engine
+        that was not started: tests and benchmarks that need to know which jobs shared a turn."""
+        if self._thread is not None:
+            raise RuntimeError("drain() runs an engine that was not started; this one has its worker")
+        if self._generator is None:
+            self._generator = self._new_generator()
+        while self._take_inbox(block=False) and self._slots():
+            self._step()
 
     # -- the worker -------------------------------------------------------------------------
 

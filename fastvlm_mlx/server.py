@@ -9,13 +9,17 @@ stage timings and what the caches saved.
 """
 
 import asyncio
+import hashlib
 import hmac
 import io
 import json
 import os
 import sys
+import threading
 import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -131,11 +135,65 @@ def _validation_error(error: ValidationError | RequestValidationError) -> ApiErr
 # -- images and messages ------------------------------------------------------------------
 
 
-def request_image(url: str, limits: Limits, allow_files: bool) -> Image.Image:
-    """The image of an `image_url` part: a data: URL, an http(s) URL, or a local path where allowed."""
-    if url[:5].lower() == "data:":
-        data = data_url_bytes(url, limits.max_image_bytes)
-    elif url.split(":", 1)[0].lower() in ("http", "https"):
+class RecentImages:
+    """The images of the last requests, by a hash of what was sent (a data: URL as it is, or the bytes
+    downloaded or read). A chat client sends the whole conversation, its image too, with every turn,
+    and reading that again (base64, the header's pixel check, the decode: ~30 ms for a 1024² PNG here,
+    and the follow-ups of a burst queue behind one another for it) is the same work for the same
+    picture. Bounded in entries and in decoded bytes; shared by the event loop's worker threads. The
+    pictures are shared too, so nothing downstream may draw on them (the preprocessor makes new ones)."""
+
+    def __init__(self, max_entries: int = 16, max_bytes: int = 512 * 2**20):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._entries: OrderedDict[bytes, Image.Image] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(kind: str, data: bytes) -> bytes:
+        return hashlib.blake2b(data, digest_size=32, person=kind.encode()).digest()
+
+    def get(self, key: bytes) -> Image.Image | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+            return found
+
+    def put(self, key: bytes, picture: Image.Image) -> None:
+        size = picture.width * picture.height * len(picture.getbands())
+        with self._lock:
+            if size > self.max_bytes:
+                return
+            self._entries[key] = picture
+            while len(self._entries) > self.max_entries or self._held() > self.max_bytes:
+                self._entries.popitem(last=False)
+
+    def _held(self) -> int:
+        return sum(p.width * p.height * len(p.getbands()) for p in self._entries.values())
+
+    def read(self, key: bytes, raw: Callable[[], bytes], limits: Limits) -> Image.Image:
+        """The picture under `key`, else decoded from `raw()` (checked against `limits`) and kept."""
+        found = self.get(key)
+        with self._lock:
+            self.hits, self.misses = self.hits + (found is not None), self.misses + (found is None)
+        if found is not None:
+            return found
+        data = raw()
+        check_pixels(data, limits.max_image_pixels)
+        picture = read_image(data, max_bytes=limits.max_image_bytes)
+        self.put(key, picture)
+        return picture
+
+
+def request_image(url: str, limits: Limits, allow_files: bool, recent: RecentImages | None = None) -> Image.Image:
+    """The image of an `image_url` part: a data: URL, an http(s) URL, or a local path where allowed;
+    through `recent`, a picture sent before is not read again."""
+    recent = recent or RecentImages(max_entries=0)
+    if url[:5].lower() == "data:":  # the URL is the picture: its hash is enough to find it
+        return recent.read(recent.key("data-url", url.encode()), lambda: data_url_bytes(url, limits.max_image_bytes),
+                           limits)  # fmt: skip
+    if url.split(":", 1)[0].lower() in ("http", "https"):
         data = fetch(url, limits.max_image_bytes, limits.url_timeout_s)
     elif not allow_files:
         raise ImageError("local image paths are off; send the image as a data: or http(s) URL (or start the "
@@ -149,8 +207,7 @@ def request_image(url: str, limits: Limits, allow_files: bool) -> Image.Image:
             raise ImageTooLarge(f"{url} is {size} bytes, over the {limits.max_image_bytes}-byte limit")
         with open(url, "rb") as file:
             data = file.read(limits.max_image_bytes + 1)
-    check_pixels(data, limits.max_image_pixels)
-    return read_image(data, max_bytes=limits.max_image_bytes)
+    return recent.read(recent.key("bytes", data), lambda: data, limits)
 
 
 def check_pixels(data: bytes, max_pixels: int) -> None:
@@ -221,6 +278,7 @@ def create_app(
 
     app = FastAPI(title="fastvlm-mlx", lifespan=lifespan)
     app.state.engine = engine
+    recent = app.state.recent_images = RecentImages(max_entries=2 * engine.max_batch)
 
     @app.exception_handler(ApiError)
     async def on_api_error(_request, error: ApiError):
@@ -264,7 +322,7 @@ def create_app(
             raise ApiError(
                 400, f"unknown model {chat.model!r}; this server has {model_id!r}", "model", "model_not_found"
             )
-        job = await asyncio.to_thread(make_job, engine, chat, limits, allow_local_files, received)
+        job = await asyncio.to_thread(make_job, engine, chat, limits, allow_local_files, received, recent)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         try:
             handle = engine.submit(job, on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
@@ -321,7 +379,9 @@ def parse_request(body: bytes) -> ChatRequest:
         raise _validation_error(error) from None
 
 
-def make_job(engine: Engine, chat: ChatRequest, limits: Limits, allow_files: bool, received: float):
+def make_job(
+    engine: Engine, chat: ChatRequest, limits: Limits, allow_files: bool, received: float, recent: RecentImages
+):
     """Read the image and tokenize the prompt (off the event loop); bad input becomes an ApiError."""
     stop = [chat.stop] if isinstance(chat.stop, str) else (chat.stop or [])
     if len(stop) > limits.max_stop or not all(stop):
@@ -329,7 +389,7 @@ def make_job(engine: Engine, chat: ChatRequest, limits: Limits, allow_files: boo
     messages, url = split_messages(chat.messages, limits)
     options = chat.fastvlm or FastVLMOptions()
     try:
-        picture = request_image(url, limits, allow_files)
+        picture = request_image(url, limits, allow_files, recent)
     except ImageTooLarge as error:
         raise ApiError(413, str(error), "messages", "image_too_large") from None
     except UserError as error:

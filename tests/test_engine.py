@@ -279,3 +279,20 @@ def test_a_new_image_is_encoded_between_decode_steps(easyvqa, endless, pictures,
 def test_a_bad_vision_slice_is_a_user_error(easyvqa, seconds):
     with pytest.raises(UserError, match="vision_slice_s"):
         Engine(*easyvqa, vision_slice_s=seconds)
+
+
+def test_drain_answers_on_the_callers_thread_and_only_an_engine_not_started(easyvqa, engine, pictures):
+    model, tokenizer = easyvqa
+    idle = Engine(model, tokenizer, max_batch=4)
+    for picture in pictures:  # the vision stages first, one a turn; then the follow-ups share one turn
+        idle.submit(idle.prepare(picture, user(QUESTIONS[0]), max_tokens=1))
+    idle.drain()
+    batches = idle.stats["prefill_batches"]
+    handles = [idle.submit(idle.prepare(p, user(QUESTIONS[1]), max_tokens=8)) for p in pictures]
+    idle.drain()
+    assert idle.stats["prefill_batches"] == batches + 1 and idle.stats["largest_prefill_batch"] == len(pictures)
+    for picture, handle in zip(pictures, handles, strict=True):
+        done, expected = list(handle)[-1], generate(model, tokenizer, picture, QUESTIONS[1], max_tokens=8)
+        assert isinstance(done, Finished) and done.text == expected.text
+    with pytest.raises(RuntimeError, match="not started"):
+        engine.drain()

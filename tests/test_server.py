@@ -23,7 +23,9 @@ uvicorn = pytest.importorskip("uvicorn", reason="needs the server extra (fastapi
 from fastvlm_mlx import engine as engine_module  # noqa: E402
 from fastvlm_mlx.engine import Engine  # noqa: E402
 from fastvlm_mlx.generate import generate  # noqa: E402
-from fastvlm_mlx.server import Limits, create_app  # noqa: E402
+from fastvlm_mlx.images import ImageTooLarge  # noqa: E402
+from fastvlm_mlx.preprocess import ImageError  # noqa: E402
+from fastvlm_mlx.server import Limits, RecentImages, create_app, request_image  # noqa: E402
 
 KEY = "test-key"
 MODEL = "easyvqa"
@@ -129,7 +131,9 @@ def test_models_health_and_a_follow_up_turn(server, easyvqa, pictures):
         {"role": "assistant", "content": answer},
         {"role": "user", "content": "is it blue?"},
     ]
+    hits = server.app.state.recent_images.hits
     follow = client.chat.completions.create(model=MODEL, messages=turns, max_tokens=8, seed=3)
+    assert server.app.state.recent_images.hits == hits + 1  # its picture was not decoded again
     plain = [{"role": "user", "content": QUESTIONS[0]}, turns[1], turns[2]]
     assert follow.choices[0].message.content == generate(*easyvqa, pictures[1], plain, max_tokens=8).text
     assert follow.model_extra["fastvlm"]["reused_positions"] > first.usage.prompt_tokens
@@ -330,6 +334,10 @@ def test_the_load_bench_runs_and_writes_json_and_png(tmp_path, shipped_mlx):
         assert [r["completion_tokens"] for r in curve["8"]["rounds"]] == [8 * 2 * 3] * 2  # medians of two rounds
         assert {r["round"] for r in results["workloads"][workload]["requests"]["8"]} == {0, 1}
         assert {"speedup_8_over_1", "ttft_goal_met"} <= set(results["workloads"][workload]["goals"])
+    cached = results["workloads"]["cached-image"]  # a burst of 8 in one batch, nothing else running: the floor
+    assert cached["burst_prefill_s"]["8"] > 0 and cached["goals"]["burst_prefill_8_s"] == cached["burst_prefill_s"]["8"]
+    assert cached["goals"]["ttft_floor_8_over_1"] == cached["burst_prefill_s"]["8"] / cached["curve"]["1"]["ttft_p50_s"]
+    assert "burst_prefill_s" not in results["workloads"]["fresh-image"]
     fresh = [r for n in ("1", "2", "8") for r in results["workloads"]["fresh-image"]["requests"][n]]
     assert all(r["server"]["vision_s"] > 0 for r in fresh)  # every image new: none met earlier in any round
     assert (tmp_path / "serve-load-mlx.png").stat().st_size > 0
@@ -418,3 +426,36 @@ def test_local_files_only_when_allowed(easyvqa, pictures, tmp_path, expected):
         for name, status in (("big.png", 413), ("missing.png", 400)):
             got, _ = local.post(json.dumps({"messages": question(str(tmp_path / name), "what?")}).encode())
             assert got == status, name
+
+
+def test_a_picture_sent_again_is_read_once_and_a_rewritten_file_anew(pictures, tmp_path):
+    recent = RecentImages()
+    url = data_url(png(pictures[0]))
+    first = request_image(url, LIMITS, False, recent)
+    assert request_image(url, LIMITS, False, recent) is first and (recent.hits, recent.misses) == (1, 1)
+    path = tmp_path / "shape.png"  # a file (or an http URL) is known by its bytes, not its name
+    path.write_bytes(png(pictures[1]))
+    assert np.array_equal(np.asarray(request_image(str(path), LIMITS, True, recent)), np.asarray(pictures[1]))
+    path.write_bytes(png(pictures[2]))
+    assert np.array_equal(np.asarray(request_image(str(path), LIMITS, True, recent)), np.asarray(pictures[2]))
+    path.write_bytes(png(pictures[0]))  # the same bytes as the data: URL's picture, another kind of key
+    assert request_image(str(path), LIMITS, True, recent) is not first
+    for _ in range(2):  # a bad picture is refused every time, never kept
+        with pytest.raises(ImageError):
+            request_image(data_url(b"not an image"), LIMITS, False, recent)
+    big = data_url(png(Image.new("RGB", (300, 300))))  # over LIMITS' pixels: still 413's error, every time
+    for _ in range(2):
+        with pytest.raises(ImageTooLarge):
+            request_image(big, LIMITS, False, recent)
+    one = pictures[0].width * pictures[0].height * 3
+    few = RecentImages(max_entries=2, max_bytes=2 * one)
+    for picture in pictures:
+        request_image(data_url(png(picture)), LIMITS, False, few)
+    request_image(data_url(png(pictures[0])), LIMITS, False, few)  # the oldest went out
+    assert (few.hits, few.misses) == (0, 4)
+    request_image(data_url(png(pictures[0])), LIMITS, False, few)
+    assert few.hits == 1
+    none = RecentImages(max_bytes=one - 1)  # a picture bigger than the whole budget is not kept
+    for _ in range(2):
+        request_image(url, LIMITS, False, none)
+    assert (none.hits, none.misses) == (0, 2)
