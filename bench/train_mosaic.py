@@ -53,6 +53,7 @@ MOSAICS_PER_BATCH = 4  # each with all of its questions (a step's time grows wit
 LR, TUNE_LR = 1e-3, 2e-4
 VALIDATION_MOSAICS = 64  # train-split mosaics of another seed, scored during training
 TEACHER_SIDE, TEACHER_BATCH, TEACHER_LR = 128, 32, 1e-3  # the cell teacher: whole easy-VQA images at a cell's scale
+TWO_COLOR_SHARE = 0.0  # training mosaics whose shapes take only two colours (colour counts other than 1)
 
 
 class Questions:
@@ -81,19 +82,37 @@ def build_tokenizer(directory: Path, easy: easyvqa.Split):
     return make_tokenizer(directory, texts, vocab_size=VOCAB_SIZE)
 
 
+def two_color_cells(cells: mosaic.Cells, palette: tuple[str, ...]) -> list[mosaic.Cells]:
+    """`cells` restricted to each pair of colours: mosaics drawn from one have colour counts of 0 to 4,
+    where ordinary ones answer 1 to two colour counts in three."""
+    kept = []
+    for pair in itertools.combinations(palette, 2):
+        k = np.array([c in pair for c in cells.colors])
+        pick = lambda values, k=k: tuple(v for v, chosen in zip(values, k, strict=True) if chosen)  # noqa: E731
+        kept.append(mosaic.Cells(cells.pixels[k], pick(cells.shapes), pick(cells.colors), pick(cells.image_ids)))
+    return kept
+
+
 def training_batches(
-    questions: Questions, rng: np.random.Generator, easy: Iterator | None = None, every: int = EASYVQA_EVERY
+    questions: Questions,
+    rng: np.random.Generator,
+    easy: Iterator | None = None,
+    every: int = EASYVQA_EVERY,
+    two_color_share: float = TWO_COLOR_SHARE,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Fresh train-split mosaics for every step, without end; with `easy` (easy-VQA batches), every
-    `every`-th step is one of those instead."""
+    `every`-th step is one of those instead. A `two_color_share` of the mosaics draw their shapes
+    from two colours only (`two_color_cells`)."""
     cells, palette = mosaic.load_cells("train"), mosaic.colors()
+    pairs = two_color_cells(cells, palette) if two_color_share else []
     for step in itertools.count(1):
         if easy is not None and step % every == 0:
             yield next(easy)
             continue
         drawn = []
         for _ in range(MOSAICS_PER_BATCH):
-            m = mosaic.make_mosaic(cells, rng)
+            two = two_color_share and rng.random() < two_color_share
+            m = mosaic.make_mosaic(pairs[int(rng.integers(len(pairs)))] if two else cells, rng)
             drawn.append((m, mosaic.ask(m, rng, palette)))
         yield questions.batch(drawn)
 
@@ -213,6 +232,8 @@ def train(
     easyvqa_every: int = EASYVQA_EVERY,
     teach_every: int = TEACH_EVERY,
     text_layers: int = TEXT_ARGS["num_hidden_layers"],
+    tied: bool = TEXT_ARGS["tie_word_embeddings"],
+    two_color_share: float = TWO_COLOR_SHARE,
 ) -> dict:
     torch.manual_seed(seed)
     rng, prune_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
@@ -225,7 +246,7 @@ def train(
     if easy.before != questions.before:
         raise ValueError("easy-VQA and mosaic prompts differ before the image")
     validation = mosaic.draw("train", VALIDATION_MOSAICS, seed + 2)
-    text_args = dict(TEXT_ARGS, vocab_size=len(tokenizer), num_hidden_layers=text_layers)
+    text_args = dict(TEXT_ARGS, vocab_size=len(tokenizer), num_hidden_layers=text_layers, tie_word_embeddings=tied)
     model = build_reference(VISION_ARGS, text_args, tokenizer.convert_tokens_to_ids("<image>"), seed=seed).train()
     click.echo(f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(tokenizer)} tokens")
     teacher = CellTeacher(model, np.random.default_rng(seed + 3), steps, teach_every) if teach_every else None
@@ -238,13 +259,16 @@ def train(
             + taught
         )
 
-    batches = training_batches(questions, rng, easy.epochs(rng) if easyvqa_every else None, easyvqa_every)
+    batches = training_batches(
+        questions, rng, easy.epochs(rng) if easyvqa_every else None, easyvqa_every, two_color_share
+    )
     warmup, every = min(300, steps // 10), steps // 20
     optimize(model, questions.before, batches, steps, LR, warmup, check=check, check_every=every, after_step=teacher)
     model.eval()
     save_source(model, tokenizer, out / "hf", IMAGE_SIZE)  # torch only until both models are saved
     record = dict(seed=seed, steps=steps, mosaics_per_batch=MOSAICS_PER_BATCH, lr=LR, easyvqa_every=easyvqa_every)
-    record["text_args"] = dict(TEXT_ARGS, num_hidden_layers=text_layers)
+    record["text_args"] = dict(TEXT_ARGS, num_hidden_layers=text_layers, tie_word_embeddings=tied)
+    record["two_color_share"] = two_color_share
     if teacher is not None:
         record["teacher"] = dict(every=teach_every, lr=TEACHER_LR, batch=TEACHER_BATCH, test=teacher.test_accuracy())
     record["train_minutes"] = (time.perf_counter() - started) / 60
@@ -291,6 +315,8 @@ def score_models(models: dict[str, Path], record: dict, results: Path | None = N
 @click.option("--easyvqa-every", default=EASYVQA_EVERY, show_default=True, help="Every Nth step easy-VQA (0: never).")
 @click.option("--teach-every", default=TEACH_EVERY, show_default=True, help="A cell-teacher step every N (0: none).")
 @click.option("--text-layers", default=TEXT_ARGS["num_hidden_layers"], show_default=True, help="Qwen2 layers.")
+@click.option("--tied/--untied", default=TEXT_ARGS["tie_word_embeddings"], show_default=True, help="Tie lm_head.")
+@click.option("--two-color-share", default=TWO_COLOR_SHARE, show_default=True, help="Two-colour mosaics' share.")
 @click.option("--tune-steps", default=500, show_default=True, help="Pruning-aware steps (with --tuned-out).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--results", type=click.Path(path_type=Path), default=None, help="Write the accuracies as JSON here.")
@@ -302,6 +328,8 @@ def main(
     easyvqa_every: int,
     teach_every: int,
     text_layers: int,
+    tied: bool,
+    two_color_share: float,
     tune_steps: int,
     seed: int,
     results: Path | None,
@@ -311,7 +339,7 @@ def main(
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # denormal floats would slow the CPU kernels as weights shrink
     click.echo(f"started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    train(out, tuned_out, steps, tune_steps, seed, results, easyvqa_every, teach_every, text_layers)
+    train(out, tuned_out, steps, tune_steps, seed, results, easyvqa_every, teach_every, text_layers, tied, two_color_share)
     click.echo(f"ended {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
 
 

@@ -143,7 +143,7 @@ class RecentImages:
     picture. Bounded in entries and in decoded bytes; shared by the event loop's worker threads. The
     pictures are shared too, so nothing downstream may draw on them (the preprocessor makes new ones)."""
 
-    def __init__(self, max_entries: int = 16, max_bytes: int = 512 * 2**20):
+    def __init__(self, max_entries: int = 16, max_bytes: int = 256 * 2**20):
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self._entries: OrderedDict[bytes, Image.Image] = OrderedDict()
         self._lock = threading.Lock()
