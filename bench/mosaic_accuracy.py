@@ -118,6 +118,18 @@ def format_rows(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def curve_style(name: str) -> dict:
+    """One colour per method, kept positions solid and packed dotted; the resolution curve black, dashed."""
+    from pruners import PRUNERS
+
+    if name.startswith("lower resolution"):
+        return dict(color="black", linestyle="--", linewidth=2.5)
+    names, kept = sorted(PRUNERS), "keep-positions" in name
+    pruner = name.split(" ")[0]
+    colour = f"C{names.index(pruner) % 10}" if pruner in names else None
+    return dict(color=colour, linestyle="-" if kept else ":", linewidth=1.8 if kept else 1.0)
+
+
 def plot(results: list[dict], path: Path, title: str) -> Path:
     """Accuracy against visual tokens: one curve per method (each from the unpruned full-size
     point), the resolution curve, 95% intervals as error bars."""
@@ -138,11 +150,12 @@ def plot(results: list[dict], path: Path, title: str) -> Path:
         x = [r["visual_tokens"] for r in rows]
         y = [r["accuracy"] for r in rows]
         err = [[r["accuracy"] - r["ci95"][0] for r in rows], [r["ci95"][1] - r["accuracy"] for r in rows]]
-        style = dict(color="black", linestyle="--", linewidth=2) if name.startswith("lower") else {}
-        ax.errorbar(x, y, yerr=err, marker="o", markersize=3, capsize=2, label=name, **style)
+        ax.errorbar(x, y, yerr=err, marker="o", markersize=3, capsize=2, label=name, **curve_style(name))
     ax.set(xscale="log", xlabel="visual tokens reaching the LLM", ylabel="answer accuracy", title=title)
     ax.set_xticks(sorted({r["visual_tokens"] for r in results}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())  # log-scale minor labels overlap ours
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

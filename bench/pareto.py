@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from bench.mosaic_accuracy import curve_style
 from bench.report import refuse_existing
 from fastvlm_mlx.files import open_new
 
@@ -97,8 +98,6 @@ def plot(panels: list[list[dict]], path: Path, environment: str) -> None:
         for name, points in sorted(curves.items(), key=lambda item: item[0] != "lower resolution"):
             points = sorted(points, key=lambda r: r["visual_tokens"])  # by the work kept, not by timing noise
             err = [[r["accuracy"] - r["ci95"][0] for r in points], [r["ci95"][1] - r["accuracy"] for r in points]]
-            style = dict(color="black", linestyle="--", linewidth=2.5) if name == "lower resolution" else {}
-            dashed = dict(linestyle=":") if "keep-positions" in name else {}
             ax.errorbar(
                 [r["ttft_s"] for r in points],
                 [r["accuracy"] for r in points],
@@ -107,8 +106,7 @@ def plot(panels: list[list[dict]], path: Path, environment: str) -> None:
                 markersize=3,
                 capsize=2,
                 label=name,
-                **style,
-                **dashed,
+                **curve_style(name),
             )
         ax.set(
             xlabel="TTFT of the FastVLM-0.5B architecture at the same visual tokens (s, --synthetic 0.5b)",
@@ -116,7 +114,7 @@ def plot(panels: list[list[dict]], path: Path, environment: str) -> None:
             title=f"{rows[0]['model']}: accuracy against TTFT",
         )
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right", ncol=2)
+        ax.legend(fontsize=7, loc="upper left", ncol=2)  # the fast, low-accuracy corner is empty
     fig.suptitle(f"accuracy: mosaic testbed (trained normally / pruning-aware); TTFT: {environment}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
