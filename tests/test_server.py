@@ -413,6 +413,24 @@ def test_kept_positions_answer_as_generate_per_request_and_by_the_models_default
     assert got == [want["gap"], want["packed"], want["all"], want["gap"], want["gap"], want["gap"]]
 
 
+def test_a_body_over_the_limit_is_413_declared_or_streamed(easyvqa, pictures, expected):
+    limits = Limits(max_body_bytes=50_000, max_image_bytes=100_000, max_image_pixels=256 * 256, timeout_s=60)
+    with Server(create_app(*easyvqa, model_id=MODEL, limits=limits, engine=Engine(*easyvqa))) as small:
+        big = json.dumps({"messages": question("data:image/png;base64," + "A" * 60_000, "what?")}).encode()
+        status, data = small.post(big)  # its Content-Length says so: refused before the body is read
+        assert status == 413 and data["error"]["code"] == "request_too_large"
+        connection = http.client.HTTPConnection("127.0.0.1", small.port, timeout=60)  # chunked: no length
+        pieces = (big[i : i + 8192] for i in range(0, len(big), 8192))
+        heads = {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}
+        connection.request("POST", "/v1/chat/completions", body=pieces, headers=heads, encode_chunked=True)
+        response = connection.getresponse()
+        assert response.status == 413 and json.loads(response.read())["error"]["code"] == "request_too_large"
+        connection.close()
+        messages = question(data_url(png(pictures[0])), QUESTIONS[0])
+        answer = small.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=8)
+        assert answer.choices[0].message.content == expected[0, QUESTIONS[0]].text
+
+
 def test_local_files_only_when_allowed(easyvqa, pictures, tmp_path, expected):
     (tmp_path / "shape.png").write_bytes(png(pictures[0]))
     noise = np.random.default_rng(1).integers(0, 256, (200, 200, 3), dtype=np.uint8)
