@@ -145,7 +145,8 @@ class RecentImages:
 
     def __init__(self, max_entries: int = 16, max_bytes: int = 256 * 2**20):
         self.max_entries, self.max_bytes = max_entries, max_bytes
-        self._entries: OrderedDict[bytes, Image.Image] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[Image.Image, int]] = OrderedDict()  # key -> (picture, bytes)
+        self._held = 0  # the decoded bytes of every entry
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
@@ -153,37 +154,28 @@ class RecentImages:
     def key(kind: str, data: bytes) -> bytes:
         return hashlib.blake2b(data, digest_size=32, person=kind.encode()).digest()
 
-    def get(self, key: bytes) -> Image.Image | None:
-        with self._lock:
-            found = self._entries.get(key)
-            if found is not None:
-                self._entries.move_to_end(key)
-            return found
-
-    def put(self, key: bytes, picture: Image.Image) -> None:
-        size = picture.width * picture.height * len(picture.getbands())
-        with self._lock:
-            if size > self.max_bytes:
-                return
-            self._entries[key] = picture
-            while len(self._entries) > self.max_entries or self._held() > self.max_bytes:
-                self._entries.popitem(last=False)
-
-    def _held(self) -> int:
-        return sum(p.width * p.height * len(p.getbands()) for p in self._entries.values())
-
     def read(self, key: bytes, raw: Callable[[], bytes], limits: Limits) -> Image.Image:
         """The picture under `key`, else decoded from `raw()` (checked against `limits`) and kept."""
-        found = self.get(key)
         with self._lock:
+            found = self._entries.get(key)
             self.hits, self.misses = self.hits + (found is not None), self.misses + (found is None)
-        if found is not None:
-            return found
+            if found is not None:
+                self._entries.move_to_end(key)
+                return found[0]
         data = raw()
         check_pixels(data, limits.max_image_pixels)
         picture = read_image(data, max_bytes=limits.max_image_bytes)
-        self.put(key, picture)
+        self._keep(key, picture)
         return picture
+
+    def _keep(self, key: bytes, picture: Image.Image) -> None:
+        size = picture.width * picture.height * len(picture.getbands())
+        with self._lock:
+            if size > self.max_bytes or key in self._entries:
+                return
+            self._entries[key], self._held = (picture, size), self._held + size
+            while len(self._entries) > self.max_entries or self._held > self.max_bytes:
+                self._held -= self._entries.popitem(last=False)[1][1]
 
 
 def request_image(url: str, limits: Limits, allow_files: bool, recent: RecentImages | None = None) -> Image.Image:
